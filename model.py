@@ -1,0 +1,184 @@
+"""The model: load Qwen2.5-VL (a hub id or a local directory), or build a tiny random one offline.
+
+    python model.py tiny --out runs/tiny/base_model          # ~0.5M parameters, CPU, a few seconds
+    python model.py info --model Qwen/Qwen2.5-VL-7B-Instruct  # parameter count; --meta builds no weights
+
+The tiny model is a REAL `Qwen2_5_VLForConditionalGeneration` with a real (small) byte-level BPE
+tokenizer, the Qwen2-VL processor and chat template, saved with `save_pretrained`. Every stage loads
+it with `load_model` / `load_processor`, exactly the code path that loads Qwen/Qwen2.5-VL-7B-Instruct,
+so the CPU preset exercises the same code as the 16-GPU run. Only the sizes differ.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import torch
+
+# The Qwen2-VL / Qwen2.5-VL chat template (the one the released checkpoints ship): a video becomes
+# <|vision_start|><|video_pad|><|vision_end|>, which the processor expands to one pad per video token.
+CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}"
+    "{% if add_vision_id %}Picture {{ image_count.value }}: {% endif %}"
+    "<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}"
+    "{% set video_count.value = video_count.value + 1 %}"
+    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}"
+    "<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+# Qwen2.5's special tokens in their real order (ids 151643.. in the real vocabulary).
+SPECIAL_TOKENS = [
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+    "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
+    "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
+]
+VISION_TOKENS = ["<|video_pad|>", "<|image_pad|>", "<|vision_start|>", "<|vision_end|>"]
+
+
+def load_processor(path: str):
+    from transformers import AutoProcessor
+    return AutoProcessor.from_pretrained(path)
+
+
+def load_model(path: str, dtype: torch.dtype = torch.float32, attn: str | None = None):
+    """One loader for every stage: a local directory (the tiny model, an SFT checkpoint) or a hub id.
+    Call it AFTER creating `HfDeepSpeedConfig` for ZeRO-3 so the weights load partitioned."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+    kw = {"dtype": dtype}
+    if attn:
+        kw["attn_implementation"] = attn
+    return Qwen2_5_VLForConditionalGeneration.from_pretrained(path, **kw)
+
+
+def suppress_ids(tokenizer) -> list[int]:
+    """Token ids the policy must never sample: a sampled <|video_pad|> breaks the next forward
+    (the processor would expect video features for it)."""
+    return [tokenizer.convert_tokens_to_ids(t) for t in VISION_TOKENS]
+
+
+# -----------------------------------------------------------------------------
+# The tiny model, built offline
+
+
+def _tokenizer_corpus() -> list[str]:
+    """Text the tiny BPE is trained on: the prompt, the answer format, the synthetic task's words and
+    numbers. Anything else still tokenizes (byte-level), just into more pieces."""
+    from data import SYSTEM_PROMPT, synth_vocabulary
+    lines = [SYSTEM_PROMPT] * 4 + synth_vocabulary() * 4
+    lines += [f"From {i}.{j} s to {i + j}.{i} s" for i in range(40) for j in range(10)]
+    lines += [f"<think>{w}</think> <time>[{i}.{j}, {i + j}.{i}]</time>" for i in range(40) for j in range(10)
+              for w in ("a", "the")]
+    return lines
+
+
+def build_tiny(out: str, hidden: int = 128, layers: int = 4, heads: int = 4, vision_hidden: int = 64,
+               vision_depth: int = 2, merges: int = 400, seed: int = 0) -> str:
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor,
+                              Qwen2Tokenizer, Qwen2VLImageProcessor, Qwen2VLVideoProcessor)
+    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
+    from data import MAX_PIXELS, MIN_PIXELS
+
+    # Tokenizer: a small byte-level BPE with Qwen's pre-tokenizer (digits split one by one, as in Qwen).
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    bpe.decoder = decoders.ByteLevel()
+    n_bytes = len(pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(vocab_size=n_bytes + merges, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    bpe.train_from_iterator(_tokenizer_corpus(), trainer)
+    state = json.loads(bpe.to_str())["model"]
+    merges_list = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in state["merges"]]
+    vocab = dict(state["vocab"])
+    for t in SPECIAL_TOKENS:  # appended after the BPE vocabulary, in Qwen's order
+        vocab[t] = len(vocab)
+    tok = Qwen2Tokenizer(vocab=vocab, merges=merges_list, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                         additional_special_tokens=SPECIAL_TOKENS[1:])
+    tok.chat_template = CHAT_TEMPLATE
+    ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+
+    # Processor: the real Qwen2-VL image and video processors (patch 14, merge 2, temporal patch 2).
+    size = {"shortest_edge": MIN_PIXELS, "longest_edge": MAX_PIXELS}
+    processor = Qwen2_5_VLProcessor(
+        image_processor=Qwen2VLImageProcessor(size=size),
+        video_processor=Qwen2VLVideoProcessor(size=size),
+        tokenizer=tok, chat_template=CHAT_TEMPLATE)
+
+    # Config: the 7B's structure at toy width. mrope_section must sum to head_dim / 2.
+    head_dim = hidden // heads
+    t = head_dim // 2 // 4
+    mrope = [head_dim // 2 - 2 * (head_dim // 2 - t) // 2, (head_dim // 2 - t) // 2, (head_dim // 2 - t) // 2]
+    assert sum(mrope) == head_dim // 2, mrope
+    config = Qwen2_5_VLConfig(
+        text_config=dict(vocab_size=len(vocab), hidden_size=hidden, intermediate_size=hidden * 3,
+                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=max(1, heads // 2),
+                         max_position_embeddings=32768, rms_norm_eps=1e-6, tie_word_embeddings=False,
+                         rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": mrope},
+                         bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
+                         pad_token_id=ids["<|endoftext|>"]),
+        vision_config=dict(depth=vision_depth, hidden_size=vision_hidden, intermediate_size=vision_hidden * 2,
+                           num_heads=max(1, vision_hidden // 16), out_hidden_size=hidden, patch_size=14,
+                           spatial_merge_size=2, temporal_patch_size=2, window_size=112,
+                           fullatt_block_indexes=list(range(vision_depth)), tokens_per_second=2),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    model = Qwen2_5_VLForConditionalGeneration(config)
+    model.generation_config.eos_token_id = ids["<|im_end|>"]
+    model.generation_config.pad_token_id = ids["<|endoftext|>"]
+    os.makedirs(out, exist_ok=True)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    n = sum(p.numel() for p in model.parameters())
+    print(f"tiny Qwen2.5-VL: {n:,} parameters, vocab {len(vocab)}, hidden {hidden} x {layers} layers, "
+          f"vision {vision_hidden} x {vision_depth} -> {out}")
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("tiny", help="build a tiny random Qwen2.5-VL offline and save it")
+    t.add_argument("--out", required=True, help="output directory (save_pretrained format)")
+    t.add_argument("--hidden", type=int, default=128, help="language model width")
+    t.add_argument("--layers", type=int, default=4, help="language model depth")
+    t.add_argument("--heads", type=int, default=4, help="attention heads (KV heads = heads / 2)")
+    t.add_argument("--vision-hidden", type=int, default=64, help="vision tower width")
+    t.add_argument("--vision-depth", type=int, default=2, help="vision tower depth")
+    t.add_argument("--seed", type=int, default=0, help="weight init seed")
+    i = sub.add_parser("info", help="print the parameter count of a model (config only with --meta)")
+    i.add_argument("--model", required=True, help="directory or hub id, or a config.json with --meta")
+    i.add_argument("--meta", action="store_true", help="build on the meta device: no weights are loaded")
+    a = ap.parse_args()
+    if a.cmd == "tiny":
+        build_tiny(a.out, a.hidden, a.layers, a.heads, a.vision_hidden, a.vision_depth, seed=a.seed)
+    else:
+        from transformers import AutoConfig, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+        if a.meta:
+            cfg = (Qwen2_5_VLConfig.from_json_file(a.model) if a.model.endswith(".json")
+                   else AutoConfig.from_pretrained(a.model))
+            with torch.device("meta"):
+                m = Qwen2_5_VLForConditionalGeneration(cfg)
+        else:
+            m = load_model(a.model)
+        n = sum(p.numel() for p in m.parameters())
+        nv = sum(p.numel() for p in m.model.visual.parameters())
+        print(f"{a.model}: {n:,} parameters (language model {n - nv:,}; vision {nv:,})")
+
+
+if __name__ == "__main__":
+    main()
