@@ -54,7 +54,7 @@ MIN_PIXELS = 4 * 28 * 28
 class Sample:
     id: str
     video: str  # path to the video file (absolute, or relative to the JSONL's directory)
-    duration: float  # seconds
+    duration: float | None  # seconds; None when unknown (e.g. Charades-STA txt without videos or durations)
     query: str
     spans: list[list[float]]  # ground truth, one or more [start, end] in seconds
     source: str = ""
@@ -87,18 +87,20 @@ def sample_from_dict(d: dict, where: str) -> Sample:
     """Validate one JSON object into a Sample; `where` is e.g. 'train.jsonl:12' for the error message."""
     if not isinstance(d, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(d).__name__}")
-    missing = [k for k in ("id", "video", "duration", "query", "spans") if k not in d]
+    missing = [k for k in ("id", "video", "query", "spans") if k not in d]
     if missing:
         raise DataError(f"{where}: missing field(s) {', '.join(missing)}")
     unknown = set(d) - set(Sample.__dataclass_fields__)
     if unknown:
         raise DataError(f"{where}: unknown field(s) {', '.join(sorted(unknown))}")
-    try:
-        duration = float(d["duration"])
-    except (TypeError, ValueError):
-        raise DataError(f"{where}: duration must be a number, got {d['duration']!r}") from None
-    if not (math.isfinite(duration) and duration > 0):
-        raise DataError(f"{where}: duration must be positive, got {d['duration']!r}")
+    duration = d.get("duration")
+    if duration is not None:
+        try:
+            duration = float(duration)
+        except (TypeError, ValueError):
+            raise DataError(f"{where}: duration must be a number, got {d['duration']!r}") from None
+        if not (math.isfinite(duration) and duration > 0):
+            raise DataError(f"{where}: duration must be positive, got {d['duration']!r}")
     spans = d["spans"]
     if not isinstance(spans, list) or not spans:
         raise DataError(f"{where}: spans must be a non-empty list of [start, end], got {spans!r}")
