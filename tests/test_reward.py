@@ -49,7 +49,7 @@ PARSE_CASES = [
     ("<time>00:05 - 00:10</time>", (5.0, 10.0)),
     ("<time>[3, 3]</time>", (3.0, 3.0)),  # zero-length is a valid answer
     ("<time>[0, 0]</time>", (0.0, 0.0)),
-    ("<time>[100000, 200000]</time>", (100000.0, 200000.0)),  # out of range: clamping is tvg_reward's job
+    ("<time>[100000, 200000]</time>", (100000.0, 200000.0)),  # out of range: tvg_reward clamps
     # whitespace and newlines inside the tag
     ("<time>\n  [ 5.2 ,\n 10.4 ]\n</time>", (5.2, 10.4)),
     ("<time>\t5.2\n-\n10.4\t</time>", (5.2, 10.4)),
@@ -106,7 +106,7 @@ def test_parse_span(text, expected):
     assert parse_span(text) == expected
 
 
-@pytest.mark.parametrize("bad", [None, b"<time>[1, 2]</time>", 12, 1.5, ["<time>[1, 2]</time>"], {}])
+@pytest.mark.parametrize("bad", [None, b"<time>[1, 2]</time>", 12, 1.5, ["<time>[1,2]</time>"], {}])
 def test_parse_span_non_str_returns_none(bad):
     assert parse_span(bad) is None
 
@@ -190,7 +190,9 @@ def test_iop(pred, gt, expected):
     assert iop(pred, gt) == pytest.approx(expected, abs=1e-12)
 
 
-@pytest.mark.parametrize("gt,m", [([0, 3], 0.3), ([2, 5], 0.3), ([0, 5], 0.5), ([5, 10], 0.5), ([0, 7], 0.7)])
+@pytest.mark.parametrize(
+    "gt,m", [([0, 3], 0.3), ([2, 5], 0.3), ([0, 5], 0.5), ([5, 10], 0.5), ([0, 7], 0.7)]
+)
 def test_iou_from_whole_seconds_is_exact(gt, m):
     # thresholds compare exactly, so these must be bit-exact to count in R1@m
     iou = temporal_iou(gt, [0, 10])
@@ -340,7 +342,7 @@ def _official_reference(text: str) -> list:
     return [float(nums[0]), float(nums[1])] if len(nums) >= 2 else [0.0, 0.0]
 
 
-_PIECES = ["<time>", "</time>", "<think>", "</think>", "\n", " ", ",", "[", "]", "-", ".", "1", "23", "4.5", "x"]
+_PIECES = ["<time>", "</time>", "<think>", "</think>", "\n", " ", ",", "[", "]", "-", "1", "4.5"]
 
 
 @FAST
@@ -381,8 +383,10 @@ def test_grounding_metrics_iop_prefix():
 
 
 def test_grounding_metrics_empty():
-    assert grounding_metrics([]) == {"R1@0.3": 0.0, "R1@0.5": 0.0, "R1@0.7": 0.0, "mIoU": 0.0, "n": 0}
-    assert grounding_metrics([], thresholds=(0.5,), prefix="IoP") == {"IoP@0.5": 0.0, "mIoP": 0.0, "n": 0}
+    zeros = {"R1@0.3": 0.0, "R1@0.5": 0.0, "R1@0.7": 0.0, "mIoU": 0.0, "n": 0}
+    assert grounding_metrics([]) == zeros
+    iop_zeros = {"IoP@0.5": 0.0, "mIoP": 0.0, "n": 0}
+    assert grounding_metrics([], thresholds=(0.5,), prefix="IoP") == iop_zeros
 
 
 # ---------------------------------------------------------------------------------------------
