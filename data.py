@@ -146,6 +146,11 @@ def write_jsonl(path: str | Path, samples) -> None:
 # Prompt and model inputs
 
 
+def format_answer(cot: str, span) -> str:
+    """The assistant text SFT trains on and GRPO rewards: `<think>...</think> <time>[s, e]</time>`."""
+    return f"<think>{cot.strip()}</think> <time>[{float(span[0]):.2f}, {float(span[1]):.2f}]</time>"
+
+
 def build_messages(sample: Sample, nframes: int = NFRAMES, max_pixels: int = MAX_PIXELS,
                    min_pixels: int = MIN_PIXELS, answer: str | None = None) -> list[dict]:
     """The chat for one Sample: system prompt, then the video, then the query (the paper's order).
@@ -335,7 +340,351 @@ def synth(out: str, n_train: int, n_test: int, seed: int = 0, events: int = 3) -
 # -----------------------------------------------------------------------------
 # Readers for the real benchmark files (../shared/data) and the released TVG-R1 training JSON.
 # (section owned by the readers work; see tests/test_data_readers.py)
+#
+# Each reader turns one benchmark file into Samples, validating every record: a bad record raises
+# DataError naming the file, the line (or JSON record index) and what is wrong; nothing is skipped.
+# GT spans are kept exactly as read (not clipped to the video, not swapped): the official scorers
+# (VideoMind, which the paper used) read them that way, so our numbers stay comparable. The only span
+# we refuse is a reversed one (start > end). Zero-length spans (2 in ReXTime) and a start below 0
+# (NExT-GQA has -0.2) are kept.
+#
+# Video paths: with a video root they are absolute (root resolved), so a converted JSONL works from
+# any directory; without one they stay relative, and `read_jsonl` resolves them against the JSONL's
+# own directory (so put the videos next to the converted file, or pass --video-root).
+
+BENCHMARK_FORMATS = ("charades_sta", "nextgqa", "rextime", "tvg_r1")
+
+
+def _video_path(video_root: str | Path | None, rel: str) -> str:
+    return str(Path(video_root).resolve() / rel) if video_root else rel
+
+
+def _video_duration(path: str, cache: dict) -> float | None:
+    """Seconds from the video file itself (frames / average fps); None when there is no such file.
+    Cached per path: Charades-STA has ~3 queries per video."""
+    if path not in cache:
+        cache[path] = None
+        if os.path.isfile(path):
+            import decord
+            try:
+                vr = decord.VideoReader(path)
+                cache[path] = len(vr) / vr.get_avg_fps()
+            except Exception as e:  # decord raises its own DECORDError for corrupt files
+                raise DataError(f"cannot read the duration of video {path}: {e}") from None
+    return cache[path]
+
+
+def _load_durations(durations: str | Path | dict | None) -> dict[str, float]:
+    """A `{video id: seconds}` JSON file (VideoMind's durations.json) or the dict itself."""
+    if durations is None:
+        return {}
+    where = "durations"
+    if not isinstance(durations, dict):
+        where = str(durations)
+        durations = _read_json(Path(durations))
+        if not isinstance(durations, dict):
+            raise DataError(f"{where}: expected a JSON object {{video id: seconds}}, got {type(durations).__name__}")
+    out = {}
+    for k, v in durations.items():
+        try:
+            out[str(k)] = float(v)
+        except (TypeError, ValueError):
+            raise DataError(f"{where}: the duration of {k!r} must be a number of seconds, got {v!r}") from None
+    return out
+
+
+def _read_json(path: Path):
+    with open(path, encoding="utf-8") as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+
+
+def _first_char(path: Path) -> str:
+    """The first non-blank character: '[' for a JSON list, '{' for JSONL, anything else for text."""
+    with open(path, encoding="utf-8") as f:
+        while chunk := f.read(4096):
+            if chunk.strip():
+                return chunk.lstrip()[0]
+    return ""
+
+
+def _json_records(path: Path):
+    """Yield (where, object) for each record of a JSON-list file or a JSONL file (told apart by the
+    first character); `where` is 'FILE: record I' or 'FILE:LINE' for error messages."""
+    if _first_char(path) == "[":
+        for i, d in enumerate(_read_json(path)):
+            where = f"{path}: record {i}"
+            if not isinstance(d, dict):
+                raise DataError(f"{where}: expected a JSON object, got {type(d).__name__}")
+            yield where, d
+        return
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                d = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{where}: not valid JSON ({e.msg})") from None
+            if not isinstance(d, dict):
+                raise DataError(f"{where}: expected a JSON object, got {type(d).__name__}")
+            yield where, d
+
+
+def _field(d: dict, key: str, where: str):
+    if key not in d:
+        raise DataError(f"{where}: missing key {key!r} (keys: {', '.join(sorted(d)) or 'none'})")
+    return d[key]
+
+
+def _add(out: list[Sample], seen: dict[str, str], where: str, **fields) -> None:
+    """Validate one record (sample_from_dict's checks + query text + start <= end + unique id), append it."""
+    if not isinstance(fields["query"], str) or not fields["query"].strip():
+        raise DataError(f"{where}: the query must be non-empty text, got {fields['query']!r}")
+    fields["query"] = fields["query"].strip()
+    s = sample_from_dict(fields, where)
+    for a, b in s.spans:
+        if a > b:
+            raise DataError(f"{where}: span [{a}, {b}] starts after it ends")
+    if s.id in seen:
+        raise DataError(f"{where}: duplicate sample id {s.id!r} (first seen at {seen[s.id]})")
+    seen[s.id] = where
+    out.append(s)
+
+
+def _nonempty(out: list[Sample], path: Path) -> list[Sample]:
+    if not out:
+        raise DataError(f"{path}: no samples in the file")
+    return out
+
+
+def read_charades_sta(path: str | Path, video_root: str | Path | None = None,
+                      durations: str | Path | dict | None = None) -> list[Sample]:
+    """Charades-STA, in either of its two public forms (told apart by a `.jsonl` suffix or a first
+    character `{`/`[`):
+
+    * the original TALL text, one `VID START END##sentence` per line (what VideoMind and TVG-R1 read).
+      id = `charades_{i}` with i the 0-based record index (the same numbering as TaRO's `test{i}`).
+    * TaRO's JSONL (`qid`, `query`, `duration`, `vid`, `relevant_windows`, `video_file`); id = `qid`.
+      Note its ends are clipped to the duration and 7 queries are truncated (SOURCES.md).
+
+    Duration: the JSONL's `duration`, else `durations` (a `{vid: seconds}` JSON file or dict, e.g.
+    VideoMind's durations.json), else the video file under `video_root` (frames / fps), else None.
+    Video: `{video_root}/{VID}.mp4` (the JSONL's `video_file` when given). GT spans unclipped."""
+    path = Path(path)
+    dur = _load_durations(durations)
+    cache: dict = {}
+    out: list[Sample] = []
+    seen: dict[str, str] = {}
+    if path.suffix == ".jsonl" or _first_char(path) in ("{", "["):
+        records = _json_records(path)
+    else:
+        records = _charades_text_records(path)
+    for where, d in records:
+        vid = str(_field(d, "vid", where))
+        video = _video_path(video_root, d.get("video_file") or f"{vid}.mp4")
+        duration = d.get("duration")
+        if duration is None:
+            duration = dur.get(vid)
+        if duration is None and video_root:
+            duration = _video_duration(video, cache)
+        _add(out, seen, where, id=str(d.get("qid", f"charades_{len(out)}")), video=video, duration=duration,
+             query=_field(d, "query", where), spans=_field(d, "relevant_windows", where), source="charades_sta")
+    return _nonempty(out, path)
+
+
+def _charades_text_records(path: Path):
+    """The TALL text form as (where, dict in the JSONL form's keys)."""
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            left, sep, sentence = line.rstrip("\r\n").partition("##")
+            parts = left.split()
+            if not sep or len(parts) != 3 or not sentence.strip():
+                raise DataError(f"{where}: expected 'VID START END##sentence', got {line.strip()[:100]!r}")
+            vid, s, e = parts
+            try:
+                span = [float(s), float(e)]
+            except ValueError:
+                raise DataError(f"{where}: START and END must be seconds, got {s!r} and {e!r}") from None
+            yield where, {"vid": vid, "query": sentence, "relevant_windows": [span]}
+
+
+def read_nextgqa(csv_path: str | Path, video_root: str | Path | None = None) -> list[Sample]:
+    """NExT-GQA grounding: `test.csv` (one question per row) plus, read from beside it,
+    `gsub_test.json` (spans and duration per video and qid; `gsub_{stem}.json` for another split)
+    and `map_vid_vidorID.json` (video id -> `0101/2909445186`).
+
+    Query = the question, spans = ALL GT spans of the question (591 test questions have several,
+    up to 16; official_iou takes the best), duration = gsub's duration (integer seconds),
+    video = `{video_root}/{mapped id}.mp4` (VideoMind's layout), id = `{video_id}_{qid}`."""
+    import csv
+    csv_path = Path(csv_path)
+    gsub_path = csv_path.with_name(f"gsub_{csv_path.stem}.json")
+    map_path = csv_path.with_name("map_vid_vidorID.json")
+    for p in (gsub_path, map_path):
+        if not p.is_file():
+            raise DataError(f"{csv_path}: NExT-GQA needs {p.name} beside it; not found: {p}")
+    gsub, mapping = _read_json(gsub_path), _read_json(map_path)
+    out: list[Sample] = []
+    seen: dict[str, str] = {}
+    with open(csv_path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        missing = {"video_id", "qid", "question"} - set(reader.fieldnames or [])
+        if missing:
+            raise DataError(f"{csv_path}:1: missing column(s) {', '.join(sorted(missing))} in the header")
+        for row in reader:
+            where = f"{csv_path}:{reader.line_num}"
+            if None in row or None in row.values():  # DictReader's markers for too many / too few fields
+                raise DataError(f"{where}: expected {len(reader.fieldnames)} comma-separated fields "
+                                f"({','.join(reader.fieldnames)})")
+            vid, qid = row["video_id"].strip(), row["qid"].strip()
+            info = gsub.get(vid)
+            if not isinstance(info, dict) or not isinstance(info.get("location"), dict):
+                raise DataError(f"{where}: video {vid} has no entry with a 'location' in {gsub_path.name}")
+            if qid not in info["location"]:
+                raise DataError(f"{where}: question {qid} of video {vid} has no span in {gsub_path.name}")
+            if vid not in mapping:
+                raise DataError(f"{where}: video {vid} is not in {map_path.name}")
+            _add(out, seen, f"{where} ({gsub_path.name}: {vid}/{qid})", id=f"{vid}_{qid}",
+                 video=_video_path(video_root, f"{mapping[vid]}.mp4"),
+                 duration=_field(info, "duration", f"{where} ({gsub_path.name}: {vid})"),
+                 query=row["question"], spans=info["location"][qid], source="nextgqa")
+    return _nonempty(out, csv_path)
+
+
+def read_rextime(path: str | Path, video_root: str | Path | None = None) -> list[Sample]:
+    """ReXTime val, either form (told apart by the first character):
+
+    * `rextime_val.json` (VideoMind's, a JSON list): `qid`, `vid`, `duration`, `question`, `span`.
+    * `rextime_val.jsonl` (official): `qid`, `vid`, `duration`, `query`, `relevant_windows`.
+
+    Both give the same 921 samples (id = qid). Duration comes from the file. Video layout (VideoMind's,
+    minus its `videos_3fps_480_noaudio` level): `{video_root}/activitynet/{vid}.mp4` when
+    `len(vid) == 13` (ActivityNet ids `v_xxxxxxxxxxx`), else `{video_root}/qvhighlights/{vid}.mp4`."""
+    path = Path(path)
+    out: list[Sample] = []
+    seen: dict[str, str] = {}
+    for where, d in _json_records(path):
+        vid = str(_field(d, "vid", where))
+        if "relevant_windows" in d:
+            query, spans = _field(d, "query", where), d["relevant_windows"]
+        else:
+            query, spans = _field(d, "question", where), _field(d, "span", where)
+        sub = "activitynet" if len(vid) == 13 else "qvhighlights"
+        _add(out, seen, where, id=str(_field(d, "qid", where)), video=_video_path(video_root, f"{sub}/{vid}.mp4"),
+             duration=_field(d, "duration", where), query=query, spans=spans, source="rextime")
+    return _nonempty(out, path)
+
+
+def read_tvg_r1(path: str | Path, video_root: str | Path | None = None) -> list[Sample]:
+    """The released TVG-R1 training JSON: a list of objects with `problem` (the query), `video` (path
+    relative to `video_root`, or absolute), `video_length` (seconds), `gt_frame` and `dataset`.
+
+    `gt_frame` is `[start, end]` in SECONDS despite its name: TVG-R1's reward divides it by
+    `video_length` exactly as it divides the predicted seconds. (A `choices` key, empty for grounding,
+    is ignored.) When `video_length` is missing (TVG-R1 measures charades_train from the decoded video)
+    the duration comes from the video file if it exists, else None. id = `id` or `qid` when present,
+    else `{dataset}_{index}`; source = `dataset`. A JSONL file of the same objects also reads."""
+    path = Path(path)
+    cache: dict = {}
+    out: list[Sample] = []
+    seen: dict[str, str] = {}
+    for i, (where, d) in enumerate(_json_records(path)):
+        dataset = str(d.get("dataset") or "tvg_r1")
+        video = _video_path(video_root, str(_field(d, "video", where)))
+        duration = d.get("video_length")
+        if duration is None and video_root:
+            duration = _video_duration(video, cache)
+        sid = d.get("id", d.get("qid"))
+        _add(out, seen, where, id=str(sid) if sid is not None else f"{dataset}_{i}", video=video, duration=duration,
+             query=_field(d, "problem", where), spans=_field(d, "gt_frame", where), source=dataset)
+    return _nonempty(out, path)
+
+
+def read_benchmark(fmt: str, path: str | Path, video_root: str | Path | None = None,
+                   durations: str | Path | dict | None = None) -> list[Sample]:
+    """One entry point for scripts: fmt is one of BENCHMARK_FORMATS. `durations` applies to
+    charades_sta only (the other formats carry their durations)."""
+    if durations is not None and fmt != "charades_sta":
+        raise ValueError(f"durations apply to charades_sta only; {fmt} files carry their own durations")
+    if fmt == "charades_sta":
+        return read_charades_sta(path, video_root, durations)
+    if fmt == "nextgqa":
+        return read_nextgqa(path, video_root)
+    if fmt == "rextime":
+        return read_rextime(path, video_root)
+    if fmt == "tvg_r1":
+        return read_tvg_r1(path, video_root)
+    raise ValueError(f"unknown benchmark format {fmt!r}; expected one of {', '.join(BENCHMARK_FORMATS)}")
 
 
 # -----------------------------------------------------------------------------
 # CLI
+
+
+def _convert(args) -> None:
+    samples = read_benchmark(args.format, args.input, args.video_root, args.durations)
+    out = Path(args.out)
+    write_jsonl(out, samples)
+    # The same resolution read_jsonl will apply: relative video paths are relative to the JSONL's directory.
+    with_video = sum(os.path.isfile(out.parent / s.video) for s in samples)
+    with_duration = sum(s.duration is not None for s in samples)
+    print(f"wrote {len(samples)} samples to {out}: {with_duration} with a known duration, "
+          f"{with_video} with an existing video file")
+    if with_video < len(samples):
+        print(f"  {len(samples) - with_video} video file(s) not found, e.g. {out.parent / samples[0].video}: "
+              "check --video-root (needed for eval, not for conversion)" if args.video_root else
+              "  no --video-root given: video paths are relative to the output file's directory")
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description="Build Sample JSONL files: the synthetic benchmark, or a "
+                                "conversion of a real benchmark file.",
+                                epilog="Examples are in the docstring at the top of data.py.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    # synth: the synthetic benchmark
+    ps = sub.add_parser("synth", help="write synthetic mp4s with known events + train.jsonl / test.jsonl")
+    ps.add_argument("--out", required=True, help="output directory (videos/, train.jsonl, test.jsonl); "
+                    "finished videos are reused, so an interrupted run continues")
+    ps.add_argument("--train", type=int, default=200,
+                    help="number of training VIDEOS (each gives --events Samples)")
+    ps.add_argument("--test", type=int, default=40, help="number of test VIDEOS (each gives --events Samples)")
+    ps.add_argument("--seed", type=int, default=0, help="random seed (same seed, same videos and samples)")
+    ps.add_argument("--events", type=int, default=3,
+                    help="events (coloured shapes) per video; each event is one query, the others distractors")
+
+    # convert: a real benchmark file -> Sample JSONL
+    pc = sub.add_parser("convert", help="convert a benchmark file (Charades-STA, NExT-GQA, ReXTime, TVG-R1) "
+                        "to Sample JSONL")
+    pc.add_argument("--format", required=True, choices=BENCHMARK_FORMATS,
+                    help="input format: charades_sta (.txt or TaRO .jsonl), nextgqa (test.csv), "
+                    "rextime (.json or .jsonl), tvg_r1 (the released training JSON)")
+    pc.add_argument("--input", required=True, help="the benchmark file; for nextgqa the test.csv, with "
+                    "gsub_test.json and map_vid_vidorID.json beside it")
+    pc.add_argument("--video-root", default=None, help="directory of the videos (layout per format: see the "
+                    "read_* docstrings); without it video paths stay relative to the output file")
+    pc.add_argument("--durations", default=None, help="charades_sta only: JSON {video id: seconds} (e.g. "
+                    "VideoMind's durations.json), used when the input has no durations")
+    pc.add_argument("--out", required=True, help="output Sample JSONL (written atomically)")
+
+    args = p.parse_args(argv)
+    if args.command == "synth":
+        synth(args.out, args.train, args.test, args.seed, args.events)
+    elif args.command == "convert":
+        if args.durations is not None and args.format != "charades_sta":
+            p.error("--durations applies to --format charades_sta only")
+        try:
+            _convert(args)
+        except (DataError, FileNotFoundError) as e:
+            sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()

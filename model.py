@@ -68,6 +68,160 @@ def suppress_ids(tokenizer) -> list[int]:
 
 
 # -----------------------------------------------------------------------------
+# Distributed training: one DeepSpeed path for 1 CPU process and for 16 GPUs (sft.py, grpo.py)
+
+
+def dist_env() -> tuple[int, int, int]:
+    """(rank, world size, local rank) from the launcher's environment; (0, 1, 0) without a launcher."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+
+
+def print0(*a, **kw):
+    if dist_env()[0] == 0:
+        print(*a, **kw, flush=True)
+
+
+def init_distributed() -> torch.device:
+    """Start torch.distributed through DeepSpeed (nccl on GPU, gloo on CPU) and return this rank's
+    device. Without a launcher we become a world of one, so the same DeepSpeed code path runs."""
+    import deepspeed
+    if "RANK" not in os.environ:  # plain `python script.py`: a single-process group on a free port
+        import socket
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(dist_env()[2])
+        deepspeed.init_distributed(dist_backend="nccl")
+        return torch.device("cuda", dist_env()[2])
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    deepspeed.init_distributed(dist_backend="gloo")
+    return torch.device("cpu")
+
+
+def ds_config(micro_batch: int, grad_accum: int, zero_stage: int, lr: float, bf16: bool,
+              grad_clip: float = 1.0, weight_decay: float = 0.0, small_model: bool = False) -> dict:
+    """The DeepSpeed config, derived from the script's own flags (one source of truth for sizes).
+    The learning-rate schedule is applied by the script itself each step."""
+    world = dist_env()[1]
+    zero = {"stage": zero_stage}
+    if zero_stage == 3:
+        zero.update(stage3_gather_16bit_weights_on_model_save=True, overlap_comm=False)
+        if small_model:  # below the default threshold nothing would be partitioned at all
+            zero["stage3_param_persistence_threshold"] = 0
+    return {
+        "train_batch_size": micro_batch * grad_accum * world,
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": grad_accum,
+        "gradient_clipping": grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": bf16},
+        # torch's AdamW: DeepSpeed's fused CPU Adam would JIT-compile for 30 s first.
+        "optimizer": {"type": "AdamW", "params": {"lr": lr, "betas": [0.9, 0.999], "eps": 1e-8,
+                                                  "weight_decay": weight_decay, "torch_adam": True}},
+        "steps_per_print": 10 ** 9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def load_for_training(path: str, ds_cfg: dict, dtype: torch.dtype):
+    """Load weights the ZeRO-3 way: with an HfDeepSpeedConfig alive, from_pretrained partitions each
+    tensor as it loads, so no rank ever holds the full 7B. Returns (model, keepalive)."""
+    keep = None
+    if ds_cfg["zero_optimization"]["stage"] == 3:
+        from transformers.integrations import HfDeepSpeedConfig
+        keep = HfDeepSpeedConfig(ds_cfg)  # must stay referenced while the model is built
+    return load_model(path, dtype), keep
+
+
+def _rng_state() -> dict:
+    import random
+    import numpy as np
+    st = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state()
+    return st
+
+
+def _set_rng_state(st: dict) -> None:
+    import random
+    import numpy as np
+    random.setstate(st["python"])
+    np.random.set_state(st["numpy"])
+    torch.set_rng_state(st["torch"])
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state(st["cuda"])
+
+
+def save_hf(engine, processor, out: str) -> None:
+    """Consolidate the (possibly ZeRO-3 partitioned) weights and save_pretrained them, atomically:
+    the directory appears complete or not at all. Every rank must call this (ZeRO-3 gathers)."""
+    import shutil
+    import torch.distributed as dist
+    rank = dist_env()[0]
+    if engine.zero_optimization_stage() == 3:
+        sd = engine._zero3_consolidated_16bit_state_dict()  # gathers every shard on rank 0
+    else:
+        sd = engine.module.state_dict()
+    if rank == 0:
+        tmp = out.rstrip("/") + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        engine.module.save_pretrained(tmp, state_dict=sd)
+        processor.save_pretrained(tmp)
+        shutil.rmtree(out, ignore_errors=True)
+        os.replace(tmp, out)
+    dist.barrier()
+
+
+def save_checkpoint(engine, processor, out_dir: str, step: int, state: dict, keep: int = 2) -> str:
+    """OUT/checkpoint-STEP/: HF weights (loadable by from_pretrained, grpo.py, eval.py), DeepSpeed's
+    optimizer and engine state in ds/, each rank's RNG, and trainer_state.json (step, config, data
+    position) written LAST: a directory without it is incomplete and never resumed from."""
+    import shutil
+    import torch.distributed as dist
+    rank = dist_env()[0]
+    ckpt = os.path.join(out_dir, f"checkpoint-{step:06d}")
+    if rank == 0:
+        shutil.rmtree(ckpt, ignore_errors=True)  # a half-written one from a killed run
+    dist.barrier()
+    save_hf(engine, processor, ckpt)
+    engine.save_checkpoint(os.path.join(ckpt, "ds"), tag="state")
+    torch.save(_rng_state(), os.path.join(ckpt, f"rng_rank{rank}.pt"))
+    dist.barrier()
+    if rank == 0:
+        tmp = os.path.join(ckpt, "trainer_state.json.tmp")
+        with open(tmp, "w") as f:
+            json.dump(dict(state, step=step), f, indent=1)
+        os.replace(tmp, os.path.join(ckpt, "trainer_state.json"))
+        done = sorted(d for d in os.listdir(out_dir) if d.startswith("checkpoint-"))
+        for old in done[:-keep]:
+            shutil.rmtree(os.path.join(out_dir, old), ignore_errors=True)
+    dist.barrier()
+    return ckpt
+
+
+def latest_checkpoint(out_dir: str) -> str | None:
+    """The newest COMPLETE checkpoint (one with trainer_state.json), or None."""
+    if not os.path.isdir(out_dir):
+        return None
+    done = sorted(d for d in os.listdir(out_dir) if d.startswith("checkpoint-")
+                  and os.path.isfile(os.path.join(out_dir, d, "trainer_state.json")))
+    return os.path.join(out_dir, done[-1]) if done else None
+
+
+def load_checkpoint(engine, ckpt: str) -> dict:
+    """Restore weights, optimizer and engine state, this rank's RNG; return trainer_state.json."""
+    engine.load_checkpoint(os.path.join(ckpt, "ds"), tag="state")
+    rng = os.path.join(ckpt, f"rng_rank{dist_env()[0]}.pt")
+    if os.path.isfile(rng):  # absent if the world size changed: then RNG streams simply restart
+        _set_rng_state(torch.load(rng, weights_only=False))
+    with open(os.path.join(ckpt, "trainer_state.json")) as f:
+        return json.load(f)
+
+
+# -----------------------------------------------------------------------------
 # The tiny model, built offline
 
 
