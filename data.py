@@ -20,6 +20,7 @@ time-encoding bug of several peer recipes: Qwen2.5-VL places video tokens in tim
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import math
 import os
@@ -523,7 +524,6 @@ def read_nextgqa(csv_path: str | Path, video_root: str | Path | None = None) -> 
     Query = the question, spans = ALL GT spans of the question (591 test questions have several,
     up to 16; official_iou takes the best), duration = gsub's duration (integer seconds),
     video = `{video_root}/{mapped id}.mp4` (VideoMind's layout), id = `{video_id}_{qid}`."""
-    import csv
     csv_path = Path(csv_path)
     gsub_path = csv_path.with_name(f"gsub_{csv_path.stem}.json")
     map_path = csv_path.with_name("map_vid_vidorID.json")
@@ -531,6 +531,9 @@ def read_nextgqa(csv_path: str | Path, video_root: str | Path | None = None) -> 
         if not p.is_file():
             raise DataError(f"{csv_path}: NExT-GQA needs {p.name} beside it; not found: {p}")
     gsub, mapping = _read_json(gsub_path), _read_json(map_path)
+    for p, d in ((gsub_path, gsub), (map_path, mapping)):
+        if not isinstance(d, dict):
+            raise DataError(f"{p}: expected a JSON object keyed by video id, got {type(d).__name__}")
     out: list[Sample] = []
     seen: dict[str, str] = {}
     with open(csv_path, newline="", encoding="utf-8") as f:
@@ -633,14 +636,18 @@ def _convert(args) -> None:
     out = Path(args.out)
     write_jsonl(out, samples)
     # The same resolution read_jsonl will apply: relative video paths are relative to the JSONL's directory.
-    with_video = sum(os.path.isfile(out.parent / s.video) for s in samples)
+    missing = [s.video for s in samples if not os.path.isfile(out.parent / s.video)]
     with_duration = sum(s.duration is not None for s in samples)
     print(f"wrote {len(samples)} samples to {out}: {with_duration} with a known duration, "
-          f"{with_video} with an existing video file")
-    if with_video < len(samples):
-        print(f"  {len(samples) - with_video} video file(s) not found, e.g. {out.parent / samples[0].video}: "
-              "check --video-root (needed for eval, not for conversion)" if args.video_root else
-              "  no --video-root given: video paths are relative to the output file's directory")
+          f"{len(samples) - len(missing)} with an existing video file")
+    if missing and args.video_root:
+        print(f"  {len(missing)} video file(s) not found, e.g. {out.parent / missing[0]}: check --video-root "
+              "(eval and training need the videos; the conversion does not)")
+    elif missing:
+        print("  no --video-root given: video paths are relative to the output file's directory")
+    if with_duration < len(samples):
+        print(f"  {len(samples) - with_duration} sample(s) without a duration: pass --durations, or a --video-root "
+              "with the videos to measure them")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -651,11 +658,12 @@ def main(argv: list[str] | None = None) -> None:
 
     # synth: the synthetic benchmark
     ps = sub.add_parser("synth", help="write synthetic mp4s with known events + train.jsonl / test.jsonl")
-    ps.add_argument("--out", required=True, help="output directory (videos/, train.jsonl, test.jsonl); "
+    ps.add_argument("--out", required=True, metavar="DIR", help="output directory (videos/, train.jsonl, test.jsonl); "
                     "finished videos are reused, so an interrupted run continues")
-    ps.add_argument("--train", type=int, default=200,
+    ps.add_argument("--train", type=int, default=200, metavar="N",
                     help="number of training VIDEOS (each gives --events Samples)")
-    ps.add_argument("--test", type=int, default=40, help="number of test VIDEOS (each gives --events Samples)")
+    ps.add_argument("--test", type=int, default=40, metavar="M",
+                    help="number of test VIDEOS (each gives --events Samples)")
     ps.add_argument("--seed", type=int, default=0, help="random seed (same seed, same videos and samples)")
     ps.add_argument("--events", type=int, default=3,
                     help="events (coloured shapes) per video; each event is one query, the others distractors")
@@ -666,16 +674,18 @@ def main(argv: list[str] | None = None) -> None:
     pc.add_argument("--format", required=True, choices=BENCHMARK_FORMATS,
                     help="input format: charades_sta (.txt or TaRO .jsonl), nextgqa (test.csv), "
                     "rextime (.json or .jsonl), tvg_r1 (the released training JSON)")
-    pc.add_argument("--input", required=True, help="the benchmark file; for nextgqa the test.csv, with "
+    pc.add_argument("--input", required=True, metavar="FILE", help="the benchmark file; for nextgqa the test.csv, with "
                     "gsub_test.json and map_vid_vidorID.json beside it")
-    pc.add_argument("--video-root", default=None, help="directory of the videos (layout per format: see the "
-                    "read_* docstrings); without it video paths stay relative to the output file")
-    pc.add_argument("--durations", default=None, help="charades_sta only: JSON {video id: seconds} (e.g. "
-                    "VideoMind's durations.json), used when the input has no durations")
-    pc.add_argument("--out", required=True, help="output Sample JSONL (written atomically)")
+    pc.add_argument("--video-root", default=None, metavar="DIR", help="directory of the videos (layout per "
+                    "format: see the read_* docstrings); without it video paths stay relative to the output file")
+    pc.add_argument("--durations", default=None, metavar="JSON", help="charades_sta only: JSON {video id: "
+                    "seconds} (e.g. VideoMind's durations.json), used when the input has no durations")
+    pc.add_argument("--out", required=True, metavar="OUT.jsonl", help="output Sample JSONL (written atomically)")
 
     args = p.parse_args(argv)
     if args.command == "synth":
+        if not 1 <= args.events <= len(SYNTH_COLORS):  # every event needs its own colour
+            p.error(f"--events must be between 1 and {len(SYNTH_COLORS)}")
         synth(args.out, args.train, args.test, args.seed, args.events)
     elif args.command == "convert":
         if args.durations is not None and args.format != "charades_sta":
