@@ -1,0 +1,498 @@
+"""Evaluation: answer every test query with the model, then score the answers the way the paper did.
+
+    # CPU, the tiny preset (synthetic test set, tiny model, tiny video setting)
+    python eval.py --model runs/tiny/base_model --data runs/tiny/data/test.jsonl --out runs/tiny/eval \
+                   --nframes 16 --max-pixels 3136 --min-pixels 3136 --max-new-tokens 64
+    # 1 GPU, a real benchmark with the paper's setting (64 frames of at most 128*28*28 px, greedy, 2048 tokens)
+    python eval.py --model runs/paper/grpo --format charades_sta \
+                   --data ../shared/data/charades_sta/charades_sta_test.txt --video-root /data/charades/videos \
+                   --durations /data/charades/durations.json --out runs/paper/eval/charades_sta
+    # 8 GPUs: the samples are sharded over the ranks (8x faster) and merged back in file order
+    torchrun --nproc_per_node 8 eval.py --model runs/paper/grpo --data test.jsonl --out runs/paper/eval/test
+    # re-score any predictions file (ours, or another model's), with the paper's parser or reward.py's
+    python eval.py score runs/paper/eval/charades_sta/predictions.jsonl [--parse official|strict] [--json]
+
+Outputs in --out: `predictions.jsonl` (one line per sample: id, source, query, response, gt spans,
+duration), `metrics.json` (percent, full precision) and, with --allow-missing, `missing_videos.txt`.
+A killed run loses at most one batch: each rank appends to `predictions.rank{R}.jsonl` after every
+batch, and a re-run skips every id already answered. `eval_args.json` records the settings that shape
+the answers; a re-run with other settings into the same --out is refused instead of mixing answers.
+
+Scoring protocols (`--parse`):
+* official (default): the released scorer of the paper (VideoMind's eval_auto.py in the TVG-R1 repo).
+  - source `charades_sta`: the first two unsigned numbers ANYWHERE in the response. The scorer's
+    Charades branch ignores the <time> tag, so numbers written inside <think> win. Reproduced on purpose.
+  - any other source: `reward.parse_span_official` (the first one-line <time>...</time>, else the whole
+    response, then its first two unsigned numbers).
+  - fewer than two numbers -> [0, 0]; the span is scored as read: a reversed span scores 0, nothing
+    is clamped to the video. A `pred: [s, e]` line (no response) is scored as read too.
+* strict: `reward.parse_span`, the GRPO reward's parser; an answer it rejects scores IoU 0. No
+  clamping either, so the two protocols differ only in the parser.
+In both: a sample with several GT spans scores its best IoU; R1@m counts IoU >= m; every sample
+counts in the denominator. IoP (intersection / predicted length, best over the GT spans; NExT-GQA's
+metric) is reported for the `nextgqa` source, and in the overall row only when every sample is nextgqa.
+
+Known differences from the released scorer: it computes IoU in float32 (torch), we use float64, so a
+sample within float rounding of a threshold can land on the other side (about 1 in 1,000
+sample-threshold pairs for one-decimal spans); it decodes with special tokens kept and we skip them
+(they hold no digits); and it reuses the previous sample's IoP after an answer with one number (a bug).
+
+Inputs go through `data.build_inputs`, the function SFT and GRPO use (real `second_per_grid_ts`).
+Decoding is greedy with no repetition penalty (the released inference passes repetition_penalty=None;
+the Qwen2.5-VL checkpoint's own generation config would apply 1.05).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import re
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import reward
+from data import DataError
+
+PARSERS = ("official", "strict")
+THRESHOLDS = (0.3, 0.5, 0.7)
+IOP_THRESHOLDS = (0.3, 0.5)  # NExT-GQA reports IoP@0.3, IoP@0.5 and mIoP
+IOP_SOURCES = ("nextgqa",)
+
+# -----------------------------------------------------------------------------
+# Prediction records (predictions.jsonl, or any file `score` is given)
+
+
+@dataclass
+class Prediction:
+    id: str
+    source: str
+    gt: list[list[float]]  # one or more GT [start, end]
+    response: str | None = None  # the model's text; None when the line gives `pred` instead
+    pred: list[float] | None = None  # a span given directly (another model's file)
+    query: str | None = None
+    duration: float | None = None
+
+
+def _number(x, where: str, what: str) -> float:
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        raise DataError(f"{where}: {what} must be a number, got {x!r}")
+    return float(x)
+
+
+def _span(x, where: str, what: str) -> list[float]:
+    if not (isinstance(x, list) and len(x) == 2):
+        raise DataError(f"{where}: {what} must be [start, end], got {x!r}")
+    return [_number(v, where, what) for v in x]
+
+
+def prediction_from_dict(d, where: str) -> Prediction:
+    """One line of a predictions file; `where` is 'file:line' for the error message. Our own lines
+    have `response`; a line may give `pred: [s, e]` (or VideoMind's `[[s, e], ...]`, top-1 first)
+    instead. `span` is accepted for `gt` (VideoMind's name); a line without `id` is named by `where`."""
+    if not isinstance(d, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(d).__name__}")
+    gt = d.get("gt", d.get("span"))
+    if gt is None:
+        raise DataError(f"{where}: missing field gt (the ground-truth spans)")
+    if isinstance(gt, list) and len(gt) == 2 and not isinstance(gt[0], list):
+        gt = [gt]  # one span written flat
+    if not (isinstance(gt, list) and gt):
+        raise DataError(f"{where}: gt must be a non-empty list of [start, end], got {gt!r}")
+    gt = [_span(g, where, "each gt span") for g in gt]
+    response, pred = d.get("response"), d.get("pred")
+    if response is not None:
+        if not isinstance(response, str):
+            raise DataError(f"{where}: response must be a string, got {type(response).__name__}")
+        pred = None  # the response is re-parsed, as the paper's scorer does
+    elif pred is None:
+        raise DataError(f"{where}: needs a response (the model's text) or a pred [start, end]")
+    else:
+        if isinstance(pred, list) and pred and isinstance(pred[0], list):
+            pred = pred[0]
+        pred = _span(pred, where, "pred")
+    duration = d.get("duration")
+    if duration is not None:
+        duration = _number(duration, where, "duration")
+    query = d.get("query", d.get("question"))
+    return Prediction(id=str(d.get("id", where)), source=str(d.get("source") or ""), gt=gt,
+                      response=response, pred=pred, query=query if isinstance(query, str) else None,
+                      duration=duration)
+
+
+def read_predictions(path: str | Path) -> list[Prediction]:
+    """A JSONL file (one prediction per line), or a JSON list (e.g. VideoMind's output.json)."""
+    path = Path(path)
+    text = path.read_text(encoding="utf-8")
+    if text.lstrip().startswith("["):
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+        out = [prediction_from_dict(d, f"{path}: item {i}") for i, d in enumerate(items)]
+    else:
+        out = []
+        for i, line in enumerate(text.split("\n"), 1):
+            if not line.strip():
+                continue
+            try:
+                d = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{i}: not valid JSON ({e.msg})") from None
+            out.append(prediction_from_dict(d, f"{path}:{i}"))
+    if not out:
+        raise DataError(f"{path}: no predictions in the file")
+    return out
+
+
+# -----------------------------------------------------------------------------
+# Scoring (pure: records in, metrics out; the IoU math and the parsers live in reward.py)
+
+_SCORER_NUM_RE = re.compile(r"\d+\.?\d*")  # the released scorer's pattern (Unicode \d, like it)
+
+
+def official_span(response: str, source: str) -> list[float]:
+    """The span the paper's scorer reads. Its Charades-STA branch takes the first two numbers of the
+    whole response, tags or not; every other benchmark goes through the <time> tag first."""
+    if source == "charades_sta":
+        nums = []
+        for m in _SCORER_NUM_RE.finditer(response):
+            nums.append(float(m.group()))
+            if len(nums) == 2:
+                return nums
+        return [0.0, 0.0]  # the scorer's [[]] -> [[0, 0]] (one number: its IoU fails -> 0 as well)
+    return reward.parse_span_official(response)
+
+
+def predicted_span(p: Prediction, parse: str = "official") -> list[float] | None:
+    """The span that gets scored, or None (strict parser rejected it: IoU 0)."""
+    if p.response is None:  # a span given directly
+        if parse == "official":
+            return p.pred
+        s, e = p.pred  # strict: the same checks parse_span applies to a parsed span
+        ok = math.isfinite(s) and math.isfinite(e) and 0 <= s <= e
+        return p.pred if ok else None
+    if parse == "official":
+        return official_span(p.response, p.source)
+    span = reward.parse_span(p.response)
+    return None if span is None else list(span)
+
+
+def _block(pairs: list[tuple[float, float]], with_iop: bool) -> dict:
+    m = reward.grounding_metrics([iou for iou, _ in pairs], THRESHOLDS)
+    if with_iop:
+        iops = reward.grounding_metrics([x for _, x in pairs], IOP_THRESHOLDS, prefix="IoP")
+        m.update({k: v for k, v in iops.items() if k != "n"})
+    return m
+
+
+def score_predictions(records: list[Prediction], parse: str = "official") -> dict:
+    """{"overall": {R1@0.3, R1@0.5, R1@0.7, mIoU, n}, "per_source": {source: {...}}, "parse": parse},
+    percent at full precision; nextgqa blocks add IoP@0.3, IoP@0.5 and mIoP."""
+    if parse not in PARSERS:
+        raise ValueError(f"parse must be one of {PARSERS}, got {parse!r}")
+    by_source: dict[str, list[tuple[float, float]]] = {}
+    for p in records:
+        span = predicted_span(p, parse)
+        iou = 0.0 if span is None else reward.official_iou(span, p.gt)
+        iop = 0.0 if span is None else max(reward.iop(span, g) for g in p.gt)
+        by_source.setdefault(p.source, []).append((iou, iop))
+    every = [x for pairs in by_source.values() for x in pairs]
+    return {"overall": _block(every, bool(by_source) and set(by_source) <= set(IOP_SOURCES)),
+            "per_source": {s: _block(by_source[s], s in IOP_SOURCES) for s in sorted(by_source)},
+            "parse": parse}
+
+
+def format_table(metrics: dict) -> str:
+    """The paper's table: one row per source, then overall; 2 decimals. An IoP table follows when
+    a NExT-GQA block is present."""
+    rows = [(s or "-", m) for s, m in metrics["per_source"].items()] + [("overall", metrics["overall"])]
+    w = max(len(s) for s, _ in rows) + 2
+    out = [f"{'source':<{w}}{'n':>6}" + "".join(f"{k:>9}" for k in ("R1@0.3", "R1@0.5", "R1@0.7", "mIoU"))]
+    for s, m in rows:
+        out.append(f"{s:<{w}}{m['n']:>6}" + "".join(f"{m[k]:>9.2f}" for k in ("R1@0.3", "R1@0.5", "R1@0.7", "mIoU")))
+    iop_rows = [(s, m) for s, m in rows if "mIoP" in m]
+    if iop_rows:
+        out.append("")
+        out.append(f"{'source':<{w}}{'n':>6}" + "".join(f"{k:>9}" for k in ("IoP@0.3", "IoP@0.5", "mIoP")))
+        for s, m in iop_rows:
+            out.append(f"{s:<{w}}{m['n']:>6}" + "".join(f"{m[k]:>9.2f}" for k in ("IoP@0.3", "IoP@0.5", "mIoP")))
+    return "\n".join(out)
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def score_main(argv: list[str]) -> None:
+    ap = argparse.ArgumentParser(prog="eval.py score", description="Re-score a predictions file "
+                                 "(our predictions.jsonl, or any JSONL/JSON list with gt and response or pred).")
+    ap.add_argument("predictions", help="predictions file: JSONL lines (or a JSON list) with gt and response|pred")
+    ap.add_argument("--parse", choices=PARSERS, default="official",
+                    help="official: the paper's scorer (default); strict: reward.py's parser")
+    ap.add_argument("--json", action="store_true",
+                    help="print the metrics as one JSON line (percent, full precision) instead of a table")
+    a = ap.parse_args(argv)
+    m = score_predictions(read_predictions(a.predictions), a.parse)
+    if a.json:
+        print(json.dumps({**m["overall"], "per_source": m["per_source"], "parse": m["parse"]}))
+    else:
+        print(f"{a.predictions} (parse: {a.parse})")
+        print(format_table(m))
+
+
+# -----------------------------------------------------------------------------
+# Generation: resumable, sharded over ranks
+
+
+def read_done(out: Path) -> dict[str, dict]:
+    """Finished answers from earlier or interrupted runs: predictions.jsonl, then any rank files.
+    A rank file's last line may be half-written (killed mid-write): it is ignored, not an error."""
+    done: dict[str, dict] = {}
+    for path in [out / "predictions.jsonl", *sorted(out.glob("predictions.rank*.jsonl"))]:
+        if not path.exists():
+            continue
+        lines = path.read_text(encoding="utf-8").split("\n")
+        for i, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                d = json.loads(line)
+            except json.JSONDecodeError as e:
+                if i == len(lines):  # no newline after it: a write cut short
+                    continue
+                raise DataError(f"{path}:{i}: not valid JSON ({e.msg})") from None
+            done.setdefault(prediction_from_dict(d, f"{path}:{i}").id, d)
+    return done
+
+
+def _trim_partial_line(path: Path) -> None:
+    """Drop a half-written last line so the next append starts on a line of its own."""
+    if path.exists():
+        raw = path.read_bytes()
+        if raw and not raw.endswith(b"\n"):
+            with open(path, "r+b") as f:
+                f.truncate(raw.rfind(b"\n") + 1)
+
+
+def prefetched_batches(samples: list, batch_size: int, load, workers: int):
+    """Yield (batch, videos) while the next batch's videos decode in threads: video decoding would
+    otherwise leave the GPU idle. Only two batches of frames are held in memory."""
+    chunks = [samples[i:i + batch_size] for i in range(0, len(samples), batch_size)]
+    if workers <= 0:
+        for chunk in chunks:
+            yield chunk, [load(s) for s in chunk]
+        return
+    with ThreadPoolExecutor(workers) as ex:
+        nxt = [ex.submit(load, s) for s in chunks[0]] if chunks else []
+        for i, chunk in enumerate(chunks):
+            cur = nxt
+            if i + 1 < len(chunks):
+                nxt = [ex.submit(load, s) for s in chunks[i + 1]]
+            yield chunk, [f.result() for f in cur]
+
+
+def load_samples(a) -> list:
+    import data
+    if a.format:
+        samples = data.read_benchmark(a.format, a.data, video_root=a.video_root, durations=a.durations)
+    else:
+        samples = data.read_jsonl(a.data)
+    samples = samples[: a.limit] if a.limit else samples
+    seen = set()
+    for s in samples:
+        if s.id in seen:  # ids key the resume and the merge
+            raise DataError(f"{a.data}: sample id {s.id!r} appears more than once")
+        seen.add(s.id)
+    if not samples:
+        raise DataError(f"{a.data}: no samples")
+    return samples
+
+
+# Settings that shape the answers: a resume with other values would mix two evaluations in one file.
+RUN_KEYS = ("model", "data", "format", "video_root", "durations", "nframes", "max_pixels", "min_pixels",
+            "max_new_tokens", "dtype")
+
+
+def run_settings(a) -> dict:
+    d = {k: getattr(a, k) for k in RUN_KEYS}
+    for k in ("model", "data", "video_root", "durations"):  # the same directory, however it is spelled
+        if d[k] and os.path.exists(d[k]):
+            d[k] = os.path.abspath(d[k])
+    return d
+
+
+def eval_main(argv: list[str]) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog="Re-score a file: python eval.py score FILE [--parse official|strict] [--json]")
+    # --- model and data
+    ap.add_argument("--model", required=True, help="model directory (save_pretrained) or hub id")
+    ap.add_argument("--data", required=True, help="test set: a Sample JSONL, or a raw benchmark file with --format")
+    ap.add_argument("--format", choices=("charades_sta", "nextgqa", "rextime"),
+                    help="read --data as this benchmark's raw annotation file (data.read_benchmark)")
+    ap.add_argument("--video-root", help="directory of the benchmark's videos (with --format)")
+    ap.add_argument("--durations", help="JSON {video id: seconds} for benchmarks without durations (with --format)")
+    ap.add_argument("--limit", type=int, default=0, help="evaluate only the first N samples (0: all)")
+    ap.add_argument("--allow-missing", action="store_true",
+                    help="skip samples whose video is missing (listed, counted beside the metrics) instead of refusing")
+    ap.add_argument("--out", required=True, help="output directory: predictions.jsonl, metrics.json")
+    # --- video input (the paper's setting by default; the same function as training builds the inputs)
+    ap.add_argument("--nframes", type=int, default=None, help="frames per video (default: data.NFRAMES = 64)")
+    ap.add_argument("--max-pixels", type=int, default=None, help="max pixels per frame (default: 128*28*28)")
+    ap.add_argument("--min-pixels", type=int, default=None, help="min pixels per frame (default: data.MIN_PIXELS)")
+    # --- generation
+    ap.add_argument("--batch-size", type=int, default=4, help="samples per generate call, per rank")
+    ap.add_argument("--max-new-tokens", type=int, default=2048, help="answer length cap (the paper: 2048)")
+    ap.add_argument("--dtype", choices=("auto", "bfloat16", "float32"), default="auto",
+                    help="auto: bfloat16 on GPU, float32 on CPU")
+    ap.add_argument("--workers", type=int, default=4, help="threads decoding the next batch's videos (0: inline)")
+    # --- scoring
+    ap.add_argument("--parse", choices=PARSERS, default="official",
+                    help="official: the paper's scorer (default); strict: reward.py's parser")
+    a = ap.parse_args(argv)
+
+    import data
+    a.nframes = a.nframes or data.NFRAMES
+    a.max_pixels = a.max_pixels or data.MAX_PIXELS
+    a.min_pixels = a.min_pixels or data.MIN_PIXELS
+    if a.batch_size < 1 or a.max_new_tokens < 1:
+        ap.error("--batch-size and --max-new-tokens must be >= 1")
+    if (a.video_root or a.durations) and not a.format:
+        ap.error("--video-root and --durations go with --format (a Sample JSONL carries its own video paths)")
+    if a.durations and a.format != "charades_sta":
+        ap.error(f"--durations is for charades_sta; {a.format} files carry their own durations")
+
+    # Distributed: torchrun sets these; without a launcher this is one rank.
+    world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+
+    def print0(*args, **kw):
+        if rank == 0:
+            print(*args, **kw, flush=True)
+
+    # --- Checks that need no model. Every rank runs them on the same files, so all ranks stop together.
+    out = Path(a.out)
+    samples = load_samples(a)
+    missing = [s for s in samples if not os.path.isfile(s.video)]
+    if missing and (not a.allow_missing or len(missing) == len(samples)):
+        print0(f"error: {len(missing)} of {len(samples)} videos are missing, e.g.:", file=sys.stderr)
+        for s in missing[:10]:
+            print0(f"  {s.id}\t{s.video}", file=sys.stderr)
+        print0("Fix --video-root (or the paths in --data)" +
+               ("" if len(missing) == len(samples) else ", or pass --allow-missing to evaluate the others") + ".",
+               file=sys.stderr)
+        sys.exit(2)
+    settings = run_settings(a)
+    if (out / "eval_args.json").exists():
+        old = json.loads((out / "eval_args.json").read_text(encoding="utf-8"))
+        for k in RUN_KEYS:
+            if old.get(k) != settings[k]:
+                raise DataError(f"{out} holds answers made with {k}={old.get(k)!r}, this run has {k}={settings[k]!r}: "
+                                "use another --out (or delete that directory to start over)")
+    done = read_done(out)
+    ids = {s.id for s in samples}
+    extra = [i for i in done if i not in ids]
+    if extra:
+        raise DataError(f"{out} holds {len(extra)} answer(s) for samples not in {a.data} (e.g. {extra[0]!r}): "
+                        "use another --out")
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        _write_json(out / "eval_args.json", settings)
+        if missing:
+            (out / "missing_videos.txt").write_text("".join(f"{s.id}\t{s.video}\n" for s in missing), encoding="utf-8")
+        elif (out / "missing_videos.txt").exists():
+            (out / "missing_videos.txt").unlink()
+    skip = {s.id for s in missing}
+    todo = [s for s in samples[rank::world] if s.id not in done and s.id not in skip]
+    print0(f"{len(samples)} samples in {a.data}: {sum(s.id in done for s in samples)} already answered in {out}, "
+           f"{len(missing)} missing videos skipped; generating on {world} rank(s)")
+
+    # --- Setup: device, process group, model
+    import torch
+    import torch.distributed as dist
+    from tqdm import tqdm
+    from model import load_model, load_processor, suppress_ids
+
+    device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world > 1:
+        # Ranks meet only at the end: a rank can wait there for a slower one's whole shard, hence the timeout.
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=12))
+        dist.barrier()  # every rank has read the resume state before any rank writes
+    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32,
+             "bfloat16": torch.bfloat16, "float32": torch.float32}[a.dtype]
+    processor = load_processor(a.model)
+    model = load_model(a.model, dtype).to(device).eval()
+    gen_kwargs = dict(do_sample=False, max_new_tokens=a.max_new_tokens, repetition_penalty=1.0,
+                      temperature=None, top_p=None, top_k=None,  # greedy: silence the checkpoint's sampling flags
+                      suppress_tokens=suppress_ids(processor.tokenizer))
+
+    # --- The loop: append each finished batch to this rank's file, flushed, so a kill loses one batch
+    def load(s):
+        return data.load_video(s, a.nframes, a.max_pixels, a.min_pixels)
+
+    rank_file = out / f"predictions.rank{rank}.jsonl"
+    _trim_partial_line(rank_file)
+    bar = tqdm(total=len(todo), desc=f"eval (rank 0 of {world})", disable=rank != 0 or not todo)
+    with open(rank_file, "a", encoding="utf-8") as f:
+        for batch, videos in prefetched_batches(todo, a.batch_size, load, a.workers):
+            inputs = data.build_inputs(processor, batch, videos, nframes=a.nframes, max_pixels=a.max_pixels,
+                                       min_pixels=a.min_pixels, padding_side="left").to(device)
+            with torch.inference_mode():
+                seqs = model.generate(**inputs, **gen_kwargs)  # (B, prompt + new), prompts left-padded
+            texts = processor.batch_decode(seqs[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+            for s, text in zip(batch, texts):
+                f.write(json.dumps({"id": s.id, "source": s.source, "query": s.query, "response": text,
+                                    "gt": s.spans, "duration": s.duration}, ensure_ascii=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+            bar.update(len(batch))
+    bar.close()
+    if world > 1:
+        dist.barrier()
+
+    # --- Merge (rank 0): every answer, in the order of --data, into predictions.jsonl; then score it
+    if rank == 0:
+        done = read_done(out)
+        records = [done[s.id] for s in samples if s.id in done]
+        lost = [s.id for s in samples if s.id not in done and s.id not in skip]
+        if lost:
+            raise RuntimeError(f"no answer for {len(lost)} sample(s) after generation (e.g. {lost[0]!r})")
+        data.write_jsonl(out / "predictions.jsonl", records)  # atomic
+        for p in out.glob("predictions.rank*.jsonl"):  # merged: the rank files are redundant now
+            p.unlink()
+        m = score_predictions([prediction_from_dict(d, f"{out}/predictions.jsonl:{i}")
+                               for i, d in enumerate(records, 1)], a.parse)
+        m.update(n_total=len(samples), n_evaluated=len(records), n_skipped_missing=len(samples) - len(records),
+                 **{k: settings[k] for k in RUN_KEYS})
+        _write_json(out / "metrics.json", m)
+        print(format_table(m))
+        note = f"evaluated {len(records)} of {len(samples)} samples"
+        if len(records) < len(samples):
+            note += (f"; {len(samples) - len(records)} skipped for missing videos (listed in "
+                     f"{out / 'missing_videos.txt'}): the metrics above are over the {len(records)} evaluated")
+        print(f"{note}; parse: {a.parse}\nwrote {out / 'predictions.jsonl'} and {out / 'metrics.json'}")
+    if world > 1:
+        dist.destroy_process_group()
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        if argv[:1] == ["score"]:
+            score_main(argv[1:])
+        else:
+            eval_main(argv)
+    except DataError as e:  # bad input: a clear message, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
