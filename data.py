@@ -1,4 +1,4 @@
-"""Data for every stage: the Sample record, the paper's prompt, video -> model inputs, benchmark
+r"""Data for every stage: the Sample record, the paper's prompt, video -> model inputs, benchmark
 readers and a synthetic benchmark with known events.
 
     python data.py synth   --out data/synth --train 400 --test 100 --seed 0
@@ -215,7 +215,8 @@ def build_inputs(processor, samples: list[Sample], videos: list | None = None, a
     # do_sample_frames=False / do_resize=False: frames are already sampled and resized by qwen-vl-utils.
     # video_metadata is the part peers forget: without it the processor assumes 24 fps.
     return processor(text=texts, videos=[v for v, _ in videos], video_metadata=[m for _, m in videos],
-                     do_sample_frames=False, do_resize=False, padding=True, return_tensors="pt")
+                     do_sample_frames=False, do_resize=False, cap_pixels_per_frame=True, padding=True,
+                     return_tensors="pt")
 
 
 # -----------------------------------------------------------------------------

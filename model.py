@@ -168,6 +168,9 @@ def save_hf(engine, processor, out: str) -> None:
     if rank == 0:
         tmp = out.rstrip("/") + ".tmp"
         shutil.rmtree(tmp, ignore_errors=True)
+        # Under ZeRO-3, from_pretrained also records transformers' legacy renamings, and reverting them
+        # on save writes non-canonical keys (`model.model.*`); drop them to save Qwen's own key names.
+        engine.module.__dict__.pop("_weight_conversions", None)
         engine.module.save_pretrained(tmp, state_dict=sd)
         processor.save_pretrained(tmp)
         shutil.rmtree(out, ignore_errors=True)
@@ -195,8 +198,12 @@ def save_checkpoint(engine, processor, out_dir: str, step: int, state: dict, kee
         with open(tmp, "w") as f:
             json.dump(dict(state, step=step), f, indent=1)
         os.replace(tmp, os.path.join(ckpt, "trainer_state.json"))
-        done = sorted(d for d in os.listdir(out_dir) if d.startswith("checkpoint-"))
-        for old in done[:-keep]:
+        # keep the newest `keep` complete checkpoints; older ones, and half-written leftovers older
+        # than this one (killed runs), go
+        names = sorted(d for d in os.listdir(out_dir) if d.startswith("checkpoint-"))
+        complete = [d for d in names if os.path.isfile(os.path.join(out_dir, d, "trainer_state.json"))]
+        stale = complete[:-keep] + [d for d in names if d not in complete and d < os.path.basename(ckpt)]
+        for old in stale:
             shutil.rmtree(os.path.join(out_dir, old), ignore_errors=True)
     dist.barrier()
     return ckpt
