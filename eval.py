@@ -11,6 +11,8 @@
     torchrun --nproc_per_node 8 eval.py --model runs/paper/grpo --data test.jsonl --out runs/paper/eval/test
     # re-score any predictions file (ours, or another model's), with the paper's parser or reward.py's
     python eval.py score runs/paper/eval/charades_sta/predictions.jsonl [--parse official|strict] [--json]
+    # the best constant span fitted on the train set, scored on the test set (what a blind model gets)
+    python eval.py baseline --train runs/tiny/data/train.jsonl --test runs/tiny/data/test.jsonl --out runs/tiny/eval/constant
 
 Outputs in --out: `predictions.jsonl` (one line per sample: id, source, query, response, gt spans,
 duration), `metrics.json` (percent, full precision) and, with --allow-missing, `missing_videos.txt`.
@@ -55,7 +57,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import reward
-from data import DataError
+from data import DataError, read_jsonl
 
 PARSERS = ("official", "strict")
 THRESHOLDS = (0.3, 0.5, 0.7)
@@ -244,6 +246,44 @@ def score_main(argv: list[str]) -> None:
     else:
         print(f"{a.predictions} (parse: {a.parse})")
         print(format_table(m))
+
+
+def baseline_main(argv: list[str]) -> None:
+    """The best constant answer: the single [s, e] (on a grid) with the highest mean IoU on the TRAIN
+    set, answered for every test sample and scored like a model's predictions. A model that does not
+    beat it has not learned to read the video."""
+    import numpy as np
+    ap = argparse.ArgumentParser(prog="eval.py baseline", description=baseline_main.__doc__)
+    ap.add_argument("--train", required=True, help="Sample JSONL the constant span is fitted on")
+    ap.add_argument("--test", required=True, help="Sample JSONL it is scored on")
+    ap.add_argument("--out", required=True, help="output dir: predictions.jsonl and metrics.json")
+    ap.add_argument("--grid", type=float, default=0.25, help="grid step of the candidate spans (seconds)")
+    a = ap.parse_args(argv)
+    train, test = read_jsonl(a.train), read_jsonl(a.test)
+    gt = [sp for s in train for sp in s.spans[:1]]  # (N, 2): the first GT span of each train sample
+    gt = np.array(gt, dtype=np.float64)
+    t = np.arange(0.0, gt.max() + a.grid, a.grid)
+    s, e = np.meshgrid(t, t, indexing="ij")
+    cand = np.stack([s[s < e], e[s < e]], 1)  # (C, 2) every span on the grid
+    best, best_iou = None, -1.0
+    for chunk in np.array_split(cand, max(1, len(cand) // 2048)):  # (c, N) IoUs, in memory-sized chunks
+        inter = np.clip(np.minimum(chunk[:, None, 1], gt[None, :, 1]) - np.maximum(chunk[:, None, 0], gt[None, :, 0]), 0, None)
+        union = (chunk[:, None, 1] - chunk[:, None, 0]) + (gt[None, :, 1] - gt[None, :, 0]) - inter
+        miou = (inter / np.where(union > 0, union, np.inf)).mean(1)
+        if miou.max() > best_iou:
+            best_iou, best = float(miou.max()), chunk[int(miou.argmax())].tolist()
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    preds = [{"id": x.id, "source": x.source, "query": x.query, "pred": best, "gt": x.spans, "duration": x.duration}
+             for x in test]
+    with open(out / "predictions.jsonl.tmp", "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(p) + "\n" for p in preds)
+    os.replace(out / "predictions.jsonl.tmp", out / "predictions.jsonl")
+    m = score_predictions(read_predictions(out / "predictions.jsonl"))
+    m.update(constant_span=best, train_mIoU=100 * best_iou, train=a.train, test=a.test)
+    _write_json(out / "metrics.json", m)
+    print(f"best constant span on {a.train}: [{best[0]:.2f}, {best[1]:.2f}] (train mIoU {100 * best_iou:.2f})")
+    print(format_table(m))
 
 
 # -----------------------------------------------------------------------------
@@ -487,6 +527,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if argv[:1] == ["score"]:
             score_main(argv[1:])
+        elif argv[:1] == ["baseline"]:
+            baseline_main(argv[1:])
         else:
             eval_main(argv)
     except DataError as e:  # bad input: a clear message, no traceback

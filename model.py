@@ -102,10 +102,12 @@ def init_distributed() -> torch.device:
 
 
 def ds_config(micro_batch: int, grad_accum: int, zero_stage: int, lr: float, bf16: bool,
-              grad_clip: float = 1.0, weight_decay: float = 0.0, small_model: bool = False) -> dict:
+              grad_clip: float = 1.0, weight_decay: float = 0.0, small_model: bool = False,
+              world: int | None = None) -> dict:
     """The DeepSpeed config, derived from the script's own flags (one source of truth for sizes).
-    The learning-rate schedule is applied by the script itself each step."""
-    world = dist_env()[1]
+    The learning-rate schedule is applied by the script itself each step. `world` defaults to the
+    launcher's world size (a dry run passes the planned one)."""
+    world = world or dist_env()[1]
     zero = {"stage": zero_stage}
     if zero_stage == 3:
         zero.update(stage3_gather_16bit_weights_on_model_save=True, overlap_comm=False)

@@ -112,6 +112,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--keep-checkpoints", type=int, default=2, help="complete checkpoints kept on disk")
     p.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint in --out "
                    "(a fresh start when there is none; exits at once when the run has finished)")
+    p.add_argument("--dry-run", action="store_true", help="check the flags and the batch arithmetic for "
+                   "--world-size ranks, print the DeepSpeed config, load nothing, exit")
+    p.add_argument("--world-size", type=int, default=None, help="with --dry-run: the planned number of ranks")
     a = p.parse_args(argv)
     if a.bf16 is None:
         a.bf16 = torch.cuda.is_available()
@@ -257,8 +260,23 @@ def fail(msg: str) -> None:
 # -----------------------------------------------------------------------------
 
 
+def dry_run(args) -> None:
+    """What `bash run.sh paper --dry-run` checks without GPUs: the flags parse, the global batch splits
+    over the planned ranks, and the DeepSpeed config that follows."""
+    world = args.world_size or dist_env()[1]
+    if args.batch_size % (args.micro_batch * world):
+        fail(f"--batch-size {args.batch_size} is not a multiple of --micro-batch {args.micro_batch} x {world} ranks")
+    grad_accum = args.batch_size // (args.micro_batch * world)
+    cfg = ds_config(args.micro_batch, grad_accum, args.zero_stage, args.lr, args.bf16, args.grad_clip,
+                    args.weight_decay, world=world)
+    print(f"sft.py dry run: global batch {args.batch_size} = micro-batch {args.micro_batch} x grad accumulation "
+          f"{grad_accum} x {world} ranks; DeepSpeed config:\n{json.dumps(cfg)}")
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if args.dry_run:
+        return dry_run(args)
     rank, world, _ = dist_env()
     out = args.out
 
