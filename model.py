@@ -46,6 +46,51 @@ SPECIAL_TOKENS = [
 VISION_TOKENS = ["<|video_pad|>", "<|image_pad|>", "<|vision_start|>", "<|vision_end|>"]
 
 
+# -----------------------------------------------------------------------------
+# HACK: restore Qwen2.5-VL's own position ids after a video. The released model (and transformers up
+# to 5.2) resumes the text after the video's LAST position (temporal ids reach start + seconds *
+# tokens_per_second); transformers 5.3+ resumes it at start + max(h, w) / 2, inside the video's time
+# range (huggingface/transformers#45381). The 7B was pretrained with the former, so every stage must
+# use it. Same signature and outputs as the library's method; only the resume position differs.
+
+def get_rope_index(self, input_ids, mm_token_type_ids, image_grid_thw=None, video_grid_thw=None,
+                   second_per_grid_ts=None, attention_mask=None, **kwargs):
+    import itertools
+    merge = self.config.vision_config.spatial_merge_size
+    tokens_per_second = self.config.vision_config.tokens_per_second
+    dev = input_ids.device
+    position_ids = torch.zeros(3, *input_ids.shape, dtype=input_ids.dtype, device=dev)  # (3, B, T)
+    grids = {1: iter(image_grid_thw if image_grid_thw is not None else []),
+             2: iter(video_grid_thw if video_grid_thw is not None else [])}
+    seconds = iter(second_per_grid_ts.tolist() if second_per_grid_ts is not None else [])
+    deltas = []
+    for b in range(input_ids.shape[0]):
+        keep = attention_mask[b].bool() if attention_mask is not None else torch.ones_like(input_ids[b], dtype=torch.bool)
+        pieces, pos = [], 0
+        for kind, run in itertools.groupby(mm_token_type_ids[b][keep].tolist()):  # 0 text, 1 image, 2 video
+            if kind == 0:
+                n = len(list(run))
+                pieces.append(torch.arange(pos, pos + n, device=dev).expand(3, -1))
+                pos += n
+            else:
+                interval = tokens_per_second * next(seconds) if kind == 2 else 1.0  # seconds -> position units
+                ids = self.get_vision_position_ids(pos, next(grids[kind]), 1, merge, interval, device=dev)
+                pieces.append(ids)
+                pos = int(ids.max()) + 1  # the text resumes after the video's last position
+        flat = torch.cat(pieces, dim=1)
+        position_ids[:, b, keep] = flat.to(position_ids.dtype)
+        deltas.append(pos - int(keep.sum()))
+    return position_ids, torch.tensor(deltas, device=dev).unsqueeze(1)
+
+
+def _install_rope_fix():
+    from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as m
+    m.Qwen2_5_VLModel.get_rope_index = get_rope_index
+
+
+_install_rope_fix()
+
+
 def load_processor(path: str):
     from transformers import AutoProcessor
     return AutoProcessor.from_pretrained(path)

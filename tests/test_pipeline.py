@@ -1,0 +1,43 @@
+"""A reduced smoke of the tiny preset: `bash run.sh tiny` end to end with a few steps of each stage, as a
+user runs it, then again to check that every finished stage is skipped."""
+import json
+import os
+import subprocess
+import sys
+from conftest import ROOT
+
+SMALL = dict(TRAIN_VIDEOS="4", TEST_VIDEOS="2", HIDDEN="32", LAYERS="1", VISION_HIDDEN="32", VISION_DEPTH="1",
+             SFT_STEPS="2", SFT_BATCH="4", GRPO_STEPS="1", GRPO_PROMPTS="2", MAX_NEW_TOKENS="8",
+             NOISE="0.5", ANNOTATE_ARGS="--rl-include-coldstart")
+
+
+def run_tiny(run_dir, *extra):
+    env = dict(os.environ, RUN=str(run_dir), **SMALL)
+    return subprocess.run(["bash", str(ROOT / "run.sh"), "tiny", *extra], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=900)
+
+
+def test_tiny_preset_smoke(tmp_path):
+    run_dir = tmp_path / "tiny"
+    p = run_tiny(run_dir)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    # every stage printed its plain command
+    for cmd in ("data.py synth", "model.py tiny", "annotate.py", "sft.py", "grpo.py", "eval.py --model",
+                "eval.py baseline"):
+        assert f"+ python {cmd}" in p.stdout, cmd
+    res = json.loads((run_dir / "results.json").read_text())
+    for row in ("base", "sft", "grpo", "constant_baseline"):
+        assert set(res[row]) >= {"R1@0.3", "R1@0.5", "R1@0.7", "mIoU"}
+        assert all(0 <= res[row][k] <= 100 for k in ("R1@0.3", "R1@0.5", "R1@0.7", "mIoU"))
+        assert res[row]["n"] == 6  # 2 test videos x 3 queries, every sample in the denominator
+    assert res["wall_seconds"] > 0
+    assert "best constant span" in p.stdout and "SFT + GRPO" in p.stdout
+    assert (run_dir / "grpo" / "curves.png").stat().st_size > 0
+
+    # a second run finds every stage done: no training, no generation, the same table
+    again = run_tiny(run_dir)
+    assert again.returncode == 0, again.stderr[-3000:]
+    for cmd in ("data.py synth", "model.py tiny", "eval.py --model", "eval.py baseline"):
+        assert f"+ python {cmd}" not in again.stdout, cmd
+    assert "Nothing to do" in again.stdout  # sft.py --resume on a finished run
+    assert json.loads((run_dir / "results.json").read_text())["sft"] == res["sft"]
