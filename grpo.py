@@ -7,10 +7,10 @@
     # 1 GPU: AdamW keeps ~16 bytes/parameter of model states, so one 80 GB GPU takes the 3B, not the 7B
     python grpo.py --model runs/sft3b/model --data rl.jsonl --out runs/grpo3b --prompts-per-step 16 --grad-ckpt
     # 1 node of 8 GPUs (ZeRO-3; weights gathered once per rollout instead of once per token)
-    torchrun --nproc_per_node 8 grpo.py --model runs/paper/sft --data rl.jsonl --out runs/paper/grpo \
+    torchrun --nproc_per_node 8 grpo.py --model runs/paper/sft/model --data rl.jsonl --out runs/paper/grpo \
         --zero-stage 3 --grad-ckpt --gather-for-rollout
     # the paper: 2 nodes x 8 H100 (hostfile lines: "node1 slots=8"); add --resume to continue a killed run
-    deepspeed --hostfile hostfile --num_nodes 2 --num_gpus 8 grpo.py --model runs/paper/sft \
+    deepspeed --hostfile hostfile --num_nodes 2 --num_gpus 8 grpo.py --model runs/paper/sft/model \
         --data rl.jsonl --out runs/paper/grpo --zero-stage 3 --grad-ckpt --gather-for-rollout
 
 Defaults are the paper's: G = 8 samples per prompt, 128 prompts per step, 600 steps, lr 1e-6,
@@ -212,6 +212,9 @@ def parse_args(argv=None):
     p.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint in --out")
     p.add_argument("--log-rollouts", type=int, default=2, help="sampled answers per step written to rollouts.jsonl")
     p.add_argument("--seed", type=int, default=0, help="seed of the data order and of sampling (plus the rank)")
+    p.add_argument("--dry-run", action="store_true", help="check the flags and the batch arithmetic for "
+                   "--world-size ranks, print the DeepSpeed config, load nothing, exit")
+    p.add_argument("--world-size", type=int, default=None, help="with --dry-run: the planned number of ranks")
     return p.parse_args(argv)
 
 
@@ -536,6 +539,8 @@ def log_line(rec: dict, steps: int, eta_s: float) -> str:
 def main(argv=None) -> None:
     args = parse_args(argv)
     rank, world, _ = dist_env()
+    if args.dry_run:
+        world = args.world_size or world
     P, G = args.prompts_per_step, args.group_size
     mini = args.mini_batch or P
     for ok, msg in [(P % world == 0, f"--prompts-per-step {P} must be a multiple of the world size {world}"),
@@ -544,6 +549,13 @@ def main(argv=None) -> None:
                     (G >= 1 and args.mu >= 1 and args.steps >= 1, "--group-size, --mu and --steps must be >= 1")]:
         if not ok:
             sys.exit(f"error: {msg}")
+    if args.dry_run:  # what `bash run.sh paper --dry-run` checks without GPUs
+        cfg = ds_config(micro_batch=1, grad_accum=mini // world, zero_stage=args.zero_stage, lr=args.lr,
+                        bf16=bool(args.bf16), grad_clip=args.grad_clip, weight_decay=args.weight_decay, world=world)
+        print(f"grpo.py dry run: {P} prompts x G={G} = {P * G} answers per step over {world} ranks "
+              f"({P // world} prompts, {P // world * G} answers per rank); {P // mini} optimizer step(s) per "
+              f"rollout x mu={args.mu}; DeepSpeed config:\n{json.dumps(cfg)}")
+        return
     out = args.out
     last = latest_checkpoint(out)
     if last and os.path.isfile(os.path.join(out, "model", "config.json")):

@@ -326,10 +326,11 @@ def build_tiny(out: str, hidden: int = 128, layers: int = 4, heads: int = 4, vis
         tokenizer=tok, chat_template=CHAT_TEMPLATE)
 
     # Config: the 7B's structure at toy width. mrope_section must sum to head_dim / 2.
-    head_dim = hidden // heads
-    t = head_dim // 2 // 4
-    mrope = [head_dim // 2 - 2 * (head_dim // 2 - t) // 2, (head_dim // 2 - t) // 2, (head_dim // 2 - t) // 2]
-    assert sum(mrope) == head_dim // 2, mrope
+    # The 7B's split of the rotary frequencies (16, 24, 24 of 64) scaled down: a quarter for time.
+    half = hidden // heads // 2
+    hw = half * 3 // 4 // 2
+    mrope = [half - 2 * hw, hw, hw]
+    assert min(mrope) >= 1 and sum(mrope) == half, f"hidden {hidden} / heads {heads} is too small for 3-D rope"
     config = Qwen2_5_VLConfig(
         text_config=dict(vocab_size=len(vocab), hidden_size=hidden, intermediate_size=hidden * 3,
                          num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=max(1, heads // 2),

@@ -118,12 +118,12 @@ paper() {
         --batch-size 8 --micro-batch 1 --zero-stage 3 --grad-ckpt --bf16 --no-cache-videos --resume"
     local GRPO="grpo.py --model $RUN/sft/model --data $RUN/data/rl.jsonl --out $RUN/grpo --group-size 8 \
         --prompts-per-step 128 --steps 600 --lr 1e-6 --beta 0 --max-new-tokens 2048 --temperature 1.0 \
-        --zero-stage 3 --grad-ckpt --bf16 --save-every 50 --resume"
+        --zero-stage 3 --grad-ckpt --gather-for-rollout --bf16 --save-every 50 --resume"
     if [ $DRY = 1 ]; then
         echo "== dry run: no GPU, no download. Checking what can be checked and printing the plan."
         # Every stage's command line parses and its batch arithmetic holds for the ranks it runs on.
-        run python sft.py $SFT --dry-run --world-size 8
-        run python grpo.py $GRPO --dry-run --world-size 16
+        run python $SFT --dry-run --world-size 8
+        run python $GRPO --dry-run --world-size 16
         run python eval.py --help >/dev/null
         run python annotate.py --help >/dev/null
         run python plan.py

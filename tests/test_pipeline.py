@@ -41,3 +41,15 @@ def test_tiny_preset_smoke(tmp_path):
         assert f"+ python {cmd}" not in again.stdout, cmd
     assert "Nothing to do" in again.stdout  # sft.py --resume on a finished run
     assert json.loads((run_dir / "results.json").read_text())["sft"] == res["sft"]
+
+
+def test_paper_dry_run_checks_the_16_gpu_plan():
+    p = subprocess.run(["bash", str(ROOT / "run.sh"), "paper", "--dry-run"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    # SFT: global batch 8 on one node of 8; GRPO: 128 prompts x 8 over 16 ranks
+    assert "global batch 8 = micro-batch 1 x grad accumulation 1 x 8 ranks" in p.stdout
+    assert "128 prompts x G=8 = 1024 answers per step over 16 ranks (8 prompts, 64 answers per rank)" in p.stdout
+    assert '"train_batch_size": 128' in p.stdout and '"stage": 3' in p.stdout
+    assert "parameters 8,292,166,656" in p.stdout  # the real 7B config, built on the meta device
+    assert "GiB" in p.stdout and "s/step" in p.stdout
