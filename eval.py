@@ -57,7 +57,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import reward
-from data import DataError, read_jsonl
+from data import DataError, read_jsonl, write_jsonl
 
 PARSERS = ("official", "strict")
 THRESHOLDS = (0.3, 0.5, 0.7)
@@ -276,9 +276,7 @@ def baseline_main(argv: list[str]) -> None:
     out.mkdir(parents=True, exist_ok=True)
     preds = [{"id": x.id, "source": x.source, "query": x.query, "pred": best, "gt": x.spans, "duration": x.duration}
              for x in test]
-    with open(out / "predictions.jsonl.tmp", "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(p) + "\n" for p in preds)
-    os.replace(out / "predictions.jsonl.tmp", out / "predictions.jsonl")
+    write_jsonl(out / "predictions.jsonl", preds)
     m = score_predictions(read_predictions(out / "predictions.jsonl"))
     m.update(constant_span=best, train_mIoU=100 * best_iou, train=a.train, test=a.test)
     _write_json(out / "metrics.json", m)

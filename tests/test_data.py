@@ -127,4 +127,8 @@ def test_position_ids_follow_real_time(tiny_model_dir, synth_dir):
         # tokens_per_second (2) * seconds per temporal patch
         assert step == pytest.approx(2 * inp["second_per_grid_ts"].item(), abs=1.0)
         steps.append(step)
+        # Qwen2.5-VL's own layout (model.get_rope_index): the text after the video resumes after the
+        # video's last position, not inside its time range as transformers >= 5.3 would place it.
+        after = int(video.nonzero().max()) + 1
+        assert pos[:, 0, after].tolist() == [int(pos[:, 0, video].max()) + 1] * 3
     assert steps[1] > steps[0] * 1.5  # the longer clip's frames are further apart in time, as they should be

@@ -316,3 +316,21 @@ def test_real_benchmark_files_go_through_the_readers(tmp_path):
     p = run("eval.py", "--model", "m", "--format", "nextgqa", "--data", str(SHARED / "nextgqa" / "test.csv"),
             "--durations", "d.json", "--out", str(tmp_path / "o"), check=False)
     assert p.returncode == 2 and "--durations is for charades_sta" in p.stderr
+
+
+def test_constant_baseline_picks_the_best_span_on_train(tmp_path):
+    import data
+    # train: two samples [0, 4] and one [0, 8] on 10 s videos; the best constant span on a 1 s grid is
+    # [0, 4] (mean IoU (1 + 1 + 0.5) / 3 = 0.8333) - it scores 1.0 and 0.5 on the two test samples
+    mk = lambda i, span: data.Sample(id=str(i), video="v.mp4", duration=10.0, query="q", spans=[span], source="s")
+    data.write_jsonl(tmp_path / "train.jsonl", [mk(0, [0, 4]), mk(1, [0, 4]), mk(2, [0, 8])])
+    data.write_jsonl(tmp_path / "test.jsonl", [mk(3, [0, 4]), mk(4, [0, 8])])
+    p = subprocess.run([sys.executable, str(ROOT / "eval.py"), "baseline", "--train", str(tmp_path / "train.jsonl"),
+                        "--test", str(tmp_path / "test.jsonl"), "--out", str(tmp_path / "b"), "--grid", "1"],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert p.returncode == 0, p.stderr
+    m = json.loads((tmp_path / "b" / "metrics.json").read_text())
+    assert m["constant_span"] == [0.0, 4.0]
+    assert m["train_mIoU"] == pytest.approx(100 * 2.5 / 3)
+    assert m["overall"]["mIoU"] == pytest.approx(75.0) and m["overall"]["R1@0.5"] == pytest.approx(100.0)
+    assert m["overall"]["R1@0.7"] == pytest.approx(50.0)
