@@ -522,7 +522,7 @@ def main(argv=None) -> None:
                 os.fsync(log.fileno())
                 records.append(rec)
                 failed += rec.status != "ok"
-                bar.set_postfix(failed=failed)
+                bar.set_postfix(failed=failed, refresh=False)  # redrawn at tqdm's own pace
         finally:  # Ctrl-C or an abort: do not start the queued requests
             stop.set()
             pool.shutdown(wait=False, cancel_futures=True)
