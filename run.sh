@@ -2,7 +2,7 @@
 # VTG-R1 end to end: data -> teacher CoT + IoU split -> SFT -> GRPO -> eval.
 #
 #   bash run.sh                   # the main job: the tiny preset where no GPU is present, else the paper preset
-#   bash run.sh tiny [--fresh]    # tiny random Qwen2.5-VL + synthetic videos, 2 CPU cores, ~TINY_MINUTES min
+#   bash run.sh tiny [--fresh]    # tiny random Qwen2.5-VL + synthetic videos, 2 CPU cores, ~8 min
 #   bash run.sh paper [--dry-run] # Qwen2.5-VL-7B on 2 nodes x 8 H100 (HOSTFILE), the paper's hyperparameters
 #   bash run.sh test [pytest args]# the test suite
 #
