@@ -1,9 +1,9 @@
 """GRPO: the RL stage of VTG-R1, whole in one file (rollouts, reward, group advantages, clipped update).
 
     # CPU, the tiny preset (a few minutes on 2 cores)
-    python grpo.py --model runs/tiny/sft --data runs/tiny/rl.jsonl --out runs/tiny/grpo \
-        --group-size 8 --prompts-per-step 4 --steps 50 --lr 1e-4 --max-new-tokens 48 \
-        --nframes 16 --max-pixels 3136 --min-pixels 3136 --save-every 25
+    python grpo.py --model runs/tiny/sft/model --data runs/tiny/annotate/rl.jsonl --out runs/tiny/grpo \
+        --group-size 8 --prompts-per-step 4 --steps 20 --lr 5e-5 --max-new-tokens 160 \
+        --nframes 16 --max-pixels 3136 --min-pixels 3136
     # 1 GPU: AdamW keeps ~16 bytes/parameter of model states, so one 80 GB GPU takes the 3B, not the 7B
     python grpo.py --model runs/sft3b/model --data rl.jsonl --out runs/grpo3b --prompts-per-step 16 --grad-ckpt
     # 1 node of 8 GPUs (ZeRO-3; weights gathered once per rollout instead of once per token)

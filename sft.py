@@ -1,7 +1,7 @@
 r"""Cold-start SFT: teach the model to answer in the format GRPO rewards, from the teacher's filtered CoT.
 
     # 1 CPU (the tiny preset; no launcher needed: the script makes a world of one)
-    python sft.py --model runs/tiny/base_model --data runs/tiny/coldstart.jsonl --out runs/tiny/sft \
+    python sft.py --model runs/tiny/base_model --data runs/tiny/annotate/coldstart.jsonl --out runs/tiny/sft \
         --nframes 16 --max-pixels 3136 --min-pixels 3136 --lr 1e-3 --epochs 3
     # 2 CPU processes, ZeRO-3 (what the tests run)
     DS_ACCELERATOR=cpu torchrun --nproc_per_node 2 sft.py ... --zero-stage 3
