@@ -46,8 +46,7 @@ Where we are explicit about choices the paper's formula leaves open (or where we
 
 What is shared across the G samples of a prompt (STACK.md, measured; `bench.py` times it): the video
 is decoded and run through the vision encoder ONCE per prompt, the prompt is prefilled once and its KV
-cache repeated G times for generation (the answer continues at the prompt's real last position, see
-generate_shared), and the training forward encodes the video once (with gradient) and reuses the
+cache repeated G times for generation, and the training forward encodes the video once (with gradient) and reuses the
 features for the G sequences. Rollout, loss forward and eval all build their
 inputs with `data.build_inputs` (real `second_per_grid_ts`, `mm_token_type_ids` in every forward).
 Known cost at scale: under ZeRO-3 HF `generate` gathers each layer's weights for every new token;
@@ -243,15 +242,9 @@ def generate_shared(model, batch, G: int, gen_kwargs: dict) -> torch.Tensor:
     cache.batch_repeat_interleave(G)
     cache.crop(-1)  # generate must see one uncached token to produce the first logits
     # Continuing from a cache, generate places new tokens at (token index + model.model.rope_deltas).
-    # HF sets rope_deltas = max position + 1 - length, but in transformers 5.23 text after a video
-    # resumes at the video's start + max(h, w) / 2, not after its last TEMPORAL position: a video whose
-    # time positions run past the prompt's end would shift every answer token away from where the
-    # training forward (and HF's own generate) puts it. So: the last prompt token's real position.
-    pos, _ = model.model.get_rope_index(  # (3, P, L)
-        batch["input_ids"], batch["mm_token_type_ids"], video_grid_thw=batch["video_grid_thw"],
-        second_per_grid_ts=batch["second_per_grid_ts"], attention_mask=batch["attention_mask"])
-    delta = pos[0, :, -1:] + 1 - batch["attention_mask"].sum(1, keepdim=True)  # (P, 1); prompts are left-padded
-    model.model.rope_deltas = delta.repeat_interleave(G, 0)  # (P * G, 1)
+    # The prefill set rope_deltas (P, 1) from the prompt's real positions (model.get_rope_index: the
+    # text resumes after the video's last position); the G copies of a prompt share it.
+    model.model.rope_deltas = model.model.rope_deltas.repeat_interleave(G, 0)  # (P * G, 1)
     ids = batch["input_ids"].repeat_interleave(G, 0)
     seqs = model.generate(input_ids=ids, attention_mask=batch["attention_mask"].repeat_interleave(G, 0),
                           past_key_values=cache, **gen_kwargs)
