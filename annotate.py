@@ -254,9 +254,13 @@ def caption_answer(sample: Sample, noise: float, seed: int) -> str:
             shift = rng.uniform(-0.5, 0.5) * (e - s)
             end = sample.duration if sample.duration else math.inf
             times[pick] = (min(max(s + shift, 0.0), end), min(max(e + shift, 0.0), end))
-    events = " ".join(f"From {s:.2f} s to {e:.2f} s, {t}." for (s, e), t in zip(times, texts))
+    # Each caption BEFORE its times, and the conclusion repeats the chosen caption followed by " from":
+    # the answer's times are then a copy of what followed the same words earlier (what attention does
+    # easily). With the times first ("From 2.25 s to 7.25 s, a red bar ..."), the tiny model named the
+    # right event but copied the middle event's times for every query (measured).
+    events = " ".join(f"{t[:1].upper() + t[1:]} from {s:.2f} s to {e:.2f} s." for (s, e), t in zip(times, texts))
     s, e = times[pick]
-    cot = f'{events} The query matches "{texts[pick]}", so the answer is {s:.2f} to {e:.2f} seconds.'
+    cot = f"{events} The query matches {texts[pick]} from {s:.2f} s to {e:.2f} s, so the answer is {s:.2f} to {e:.2f} seconds."
     return data.format_answer(cot, (s, e))
 
 
@@ -297,7 +301,7 @@ def openai_messages(sample: Sample, args) -> list[dict]:
 def make_teacher(args, key: str | None, stop: threading.Event) -> tuple[Callable[[Sample], Reply], str]:
     """(ask, model name). The model name is part of the cache key."""
     if args.teacher == "captions":
-        return (lambda s: Reply(caption_answer(s, args.noise, args.seed))), f"captions-noise{args.noise:g}-seed{args.seed}"
+        return (lambda s: Reply(caption_answer(s, args.noise, args.seed))), f"captions-v2-noise{args.noise:g}-seed{args.seed}"
 
     if args.teacher == "openai":
         from openai import OpenAI

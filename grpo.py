@@ -71,8 +71,8 @@ from dataclasses import dataclass
 import torch
 
 import data
-from model import (dist_env, ds_config, init_distributed, latest_checkpoint, load_checkpoint, load_for_training,
-                   load_processor, print0, save_checkpoint, save_hf, suppress_ids)
+from model import (dist_env, ds_config, freeze_vision, init_distributed, latest_checkpoint, load_checkpoint,
+                   load_for_training, load_processor, print0, save_checkpoint, save_hf, suppress_ids)
 import reward
 
 # -----------------------------------------------------------------------------
@@ -192,6 +192,7 @@ def parse_args(argv=None):
     p.add_argument("--drop-uniform-groups", action="store_true", help="leave groups of equal rewards out of the loss")
     p.add_argument("--grad-clip", type=float, default=1.0, help="gradient norm clipping")
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    p.add_argument("--freeze-vision", action="store_true", help="update the language model only (as sft.py)")
     # rollouts
     p.add_argument("--max-new-tokens", type=int, default=2048, help="longest answer sampled")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (also used for log-probs)")
@@ -436,6 +437,8 @@ def setup(args):
     cfg = ds_config(micro_batch=1, grad_accum=mini, zero_stage=args.zero_stage, lr=args.lr, bf16=bf16,
                       grad_clip=args.grad_clip, weight_decay=args.weight_decay, small_model=device.type == "cpu")
     policy, keep = load_for_training(args.model, cfg, dtype)
+    if args.freeze_vision:
+        print0(f"vision tower frozen: {freeze_vision(policy):,} parameters not trained")
     if args.grad_ckpt:
         policy.activation_checkpointing_enable()
     engine, *_ = deepspeed.initialize(model=policy, config=cfg,

@@ -2,7 +2,7 @@
 # VTG-R1 end to end: data -> teacher CoT + IoU split -> SFT -> GRPO -> eval.
 #
 #   bash run.sh                   # the main job: the tiny preset where no GPU is present, else the paper preset
-#   bash run.sh tiny [--fresh]    # tiny random Qwen2.5-VL + synthetic videos, 2 CPU cores, ~8 min
+#   bash run.sh tiny [--fresh]    # tiny random Qwen2.5-VL + synthetic videos, 2 CPU cores, ~10 min
 #   bash run.sh paper [--dry-run] # Qwen2.5-VL-7B on 2 nodes x 8 H100 (HOSTFILE), the paper's hyperparameters
 #   bash run.sh test [pytest args]# the test suite
 #
@@ -58,24 +58,25 @@ tiny() {
 
     # 1. synthetic videos with known events (3 coloured shapes per video, each in its own window)
     [ -f "$RUN/data/test.jsonl" ] || run python data.py synth --out "$RUN/data" \
-        --train "${TRAIN_VIDEOS:-600}" --test "${TEST_VIDEOS:-40}" --seed "${SEED:-0}"
+        --train "${TRAIN_VIDEOS:-1500}" --test "${TEST_VIDEOS:-40}" --seed "${SEED:-0}"
     # 2. the tiny random Qwen2.5-VL (a real one, saved with save_pretrained)
     [ -f "$RUN/base_model/config.json" ] || run python model.py tiny --out "$RUN/base_model" \
-        --hidden "${HIDDEN:-64}" --layers "${LAYERS:-2}" --vision-hidden "${VISION_HIDDEN:-64}" \
+        --hidden "${HIDDEN:-128}" --layers "${LAYERS:-2}" --heads "${HEADS:-4}" --vision-hidden "${VISION_HIDDEN:-64}" \
         --vision-depth "${VISION_DEPTH:-2}"
     # 3+4. teacher CoT from the dense captions (with deliberate mistakes) and the IoU split:
     #      IoU > 0.8 -> coldstart.jsonl, 0.4 <= IoU <= 0.8 -> rl.jsonl, IoU < 0.4 dropped. Cached: re-runs are free.
     run python annotate.py --data "$RUN/data/train.jsonl" --teacher captions --noise "${NOISE:-0.3}" \
         --out "$RUN/annotate" ${ANNOTATE_ARGS:-}
-    # 5. cold-start SFT (resumable; a finished run returns at once)
+    # 5. cold-start SFT (resumable; a finished run returns at once). The random ViT stays frozen: trained
+    #    from scratch on this little data it collapses to one vector for every video token (model.freeze_vision).
     run python sft.py --model "$RUN/base_model" --data "$RUN/annotate/coldstart.jsonl" --out "$RUN/sft" \
         --max-steps "${SFT_STEPS:-900}" --batch-size "${SFT_BATCH:-32}" --micro-batch "${SFT_BATCH:-32}" \
-        --lr "${SFT_LR:-2e-3}" \
+        --lr "${SFT_LR:-2e-3}" --freeze-vision \
         --warmup-ratio 0.05 $VIDEO --resume ${SFT_ARGS:-}
     # 6. GRPO from the SFT model on the RL set (the original ground truth), reward 0.9 IoU + 0.1 format
     run python grpo.py --model "$RUN/sft/model" --data "$RUN/annotate/rl.jsonl" --out "$RUN/grpo" \
         --steps "${GRPO_STEPS:-20}" --group-size 8 --prompts-per-step "${GRPO_PROMPTS:-4}" --lr "${GRPO_LR:-5e-5}" \
-        --max-new-tokens "${MAX_NEW_TOKENS:-160}" $VIDEO --resume ${GRPO_ARGS:-}
+        --max-new-tokens "${MAX_NEW_TOKENS:-200}" --freeze-vision $VIDEO --resume ${GRPO_ARGS:-}
     # 7. held-out test videos: base, SFT, SFT+GRPO, and the best constant span fitted on the train set
     local name
     for name in base sft grpo; do
@@ -84,7 +85,7 @@ tiny() {
         [ $name = grpo ] && model_dir=$RUN/grpo/model
         [ -f "$RUN/eval/$name/metrics.json" ] || run python eval.py --model "$model_dir" \
             --data "$RUN/data/test.jsonl" --out "$RUN/eval/$name" $VIDEO \
-            --max-new-tokens "${MAX_NEW_TOKENS:-160}" --batch-size 40 ${EVAL_ARGS:-}
+            --max-new-tokens "${MAX_NEW_TOKENS:-200}" --batch-size 40 ${EVAL_ARGS:-}
     done
     [ -f "$RUN/eval/constant_baseline/metrics.json" ] || run python eval.py baseline \
         --train "$RUN/data/train.jsonl" --test "$RUN/data/test.jsonl" --out "$RUN/eval/constant_baseline"

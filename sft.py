@@ -67,8 +67,8 @@ from tqdm import tqdm
 
 from data import MAX_PIXELS, MIN_PIXELS, NFRAMES, DataError, Sample, build_inputs, format_answer, load_video, \
     sample_from_dict
-from model import (dist_env, ds_config, init_distributed, latest_checkpoint, load_checkpoint, load_for_training,
-                   load_processor, print0, save_checkpoint, save_hf)
+from model import (dist_env, ds_config, freeze_vision, init_distributed, latest_checkpoint, load_checkpoint,
+                   load_for_training, load_processor, print0, save_checkpoint, save_hf)
 
 IGNORE = -100  # label of a token that carries no loss (cross_entropy's ignore_index)
 
@@ -93,6 +93,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--grad-clip", type=float, default=1.0, help="gradient norm clipping")
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
     p.add_argument("--seed", type=int, default=0, help="seed of the data order and torch")
+    p.add_argument("--freeze-vision", action="store_true", help="train the language model only: the vision "
+                   "tower and its merger stay as loaded (the tiny preset's random ViT; see model.freeze_vision)")
     # video (paper: 64 frames of at most 128*28*28 pixels)
     p.add_argument("--nframes", type=int, default=NFRAMES, help="frames sampled per video")
     p.add_argument("--max-pixels", type=int, default=MAX_PIXELS, help="max pixels per frame")
@@ -300,7 +302,8 @@ def main(argv=None) -> None:
     fingerprint = hashlib.sha1("\n".join(e.sample.id for e in examples).encode()).hexdigest()
     # What must not change between a run and its resumption (else the weights would differ).
     run_key = dict(total_steps=total, batch_size=batch, lr=args.lr, schedule=args.schedule,
-                   warmup_ratio=args.warmup_ratio, seed=args.seed, n_samples=n, data_fingerprint=fingerprint)
+                   warmup_ratio=args.warmup_ratio, seed=args.seed, n_samples=n, data_fingerprint=fingerprint,
+                   freeze_vision=args.freeze_vision)
 
     # Resume or start: never silently overwrite a finished or running job's work.
     ckpt = latest_checkpoint(out)
@@ -332,6 +335,8 @@ def main(argv=None) -> None:
     dtype = torch.bfloat16 if args.bf16 else torch.float32
     model, _keepalive = load_for_training(args.model, cfg, dtype)
     model.config.use_cache = False
+    if args.freeze_vision:
+        print0(f"vision tower frozen: {freeze_vision(model):,} parameters not trained")
     if args.grad_ckpt:
         model.activation_checkpointing_enable()  # non-reentrant by default in transformers 5.23
     import deepspeed

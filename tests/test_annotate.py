@@ -301,8 +301,11 @@ def test_captions_teacher_coldstart_is_valid_sft_data(tmp_path, synth_dir, tiny_
         assert s.answer == train[s.id].spans[0] and s.spans == train[s.id].spans
         # every event with its times, in time order, then the conclusion
         caps = sorted(train[s.id].captions, key=lambda c: c["start"])
-        events = " ".join(f"From {c['start']:.2f} s to {c['end']:.2f} s, {c['text']}." for c in caps)
+        events = " ".join(f"{c['text'][:1].upper() + c['text'][1:]} from {c['start']:.2f} s to {c['end']:.2f} s."
+                          for c in caps)
         assert s.cot.startswith(events + " The query matches ")
+        pick = next(c for c in caps if [c["start"], c["end"]] == s.answer)  # its words and times, repeated
+        assert f"The query matches {pick['text']} from {s.answer[0]:.2f} s to {s.answer[1]:.2f} s, " in s.cot
         assert s.cot.endswith(f"so the answer is {s.answer[0]:.2f} to {s.answer[1]:.2f} seconds.")
         assert reward.format_reward(data.format_answer(s.cot, s.answer)) == 1.0
     # What sft.py checks: non-empty cot, an answer span, a readable video that build_inputs turns into inputs.
@@ -322,7 +325,7 @@ def test_captions_noise_is_filtered_and_reproducible(tmp_path, synth_dir):
     a = {r["id"]: r for r in lines(tmp_path / "a" / "annotations.jsonl")}
     b = {r["id"]: r for r in lines(tmp_path / "b" / "annotations.jsonl")}
     assert {k: r["response"] for k, r in a.items()} == {k: r["response"] for k, r in b.items()}
-    assert a[next(iter(a))]["model"] == "captions-noise0.6-seed3"
+    assert a[next(iter(a))]["model"] == "captions-v2-noise0.6-seed3"
     ious = [r["iou"] for r in a.values()]
     assert all(r["status"] == "ok" for r in a.values())  # noisy, but always well formed
     assert min(ious) < 0.4 and max(ious) == 1.0  # the filter has something to filter

@@ -216,6 +216,17 @@ def test_two_process_zero3_equals_one_process(reference, tmp_path):
         assert x["step"] == y["step"] and x["loss"] == pytest.approx(y["loss"], rel=1e-5)
 
 
+def test_freeze_vision_under_zero3_trains_the_language_model_only(reference, tmp_path):
+    flags, _ = reference
+    out = tmp_path / "frozen"
+    r = run_sft(flags[:-4] + ["--max-steps", 2, "--out", out, "--zero-stage", 3, "--freeze-vision"], nproc=2)
+    assert "vision tower frozen:" in r.stdout
+    got, init = weights(out / "model"), weights(flags[1])
+    vision = [k for k in init if k.startswith("visual.")]  # the checkpoint names of model.visual
+    assert vision and all(torch.equal(got[k], init[k]) for k in vision)
+    assert max((got[k] - init[k]).abs().max().item() for k in init if k not in vision) > 1e-3
+
+
 def test_kill_and_resume_equals_uninterrupted(reference, tmp_path):
     flags, ref = reference
     out = tmp_path / "killed"
