@@ -57,10 +57,8 @@ def naive_logprobs(model, batch, ids, mask, temperature: float, with_entropy: bo
 
 def gen_kwargs_for(model, processor, new_tokens: int, temperature: float = 1.0) -> dict:
     """grpo.py's sampling settings, with a fixed length so both paths decode the same number of steps."""
-    tok = processor.tokenizer
-    return dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0, repetition_penalty=1.0,
-                max_new_tokens=new_tokens, min_new_tokens=new_tokens, suppress_tokens=M.suppress_ids(tok),
-                eos_token_id=grpo.stop_ids(model, tok), pad_token_id=tok.pad_token_id)
+    kw = grpo.sampling_kwargs(model, processor.tokenizer, temperature, new_tokens)
+    return dict(kw, min_new_tokens=new_tokens)
 
 
 def main() -> None:

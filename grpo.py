@@ -72,7 +72,8 @@ import torch
 
 import data
 from model import (dist_env, ds_config, freeze_vision, init_distributed, latest_checkpoint, load_checkpoint,
-                   load_for_training, load_processor, print0, save_checkpoint, save_hf, suppress_ids)
+                   keep_steps_upto, load_for_training, load_processor, print0, save_checkpoint, save_hf,
+                   suppress_ids)
 import reward
 
 # -----------------------------------------------------------------------------
@@ -289,6 +290,15 @@ def stop_ids(model, tokenizer) -> list[int]:
     return eos + [tokenizer.pad_token_id] * (tokenizer.pad_token_id not in eos)
 
 
+def sampling_kwargs(model, tokenizer, temperature: float, max_new_tokens: int, synced_gpus: bool = False) -> dict:
+    """`generate` settings of a rollout, set explicitly over the checkpoint's generation config (Qwen's
+    has a 1.05 repetition penalty): plain sampling at `temperature`, vision tokens never sampled."""
+    return dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0, repetition_penalty=1.0,
+                max_new_tokens=max_new_tokens, suppress_tokens=suppress_ids(tokenizer),
+                eos_token_id=stop_ids(model, tokenizer), pad_token_id=tokenizer.pad_token_id,
+                synced_gpus=synced_gpus)
+
+
 def _to(d: dict, device) -> dict:
     return {k: v.to(device) if torch.is_tensor(v) else v for k, v in d.items()}
 
@@ -304,9 +314,7 @@ def grpo_step(engine, ref, processor, samples: list[data.Sample], args, reward_f
     world = dist.get_world_size()
     tok = processor.tokenizer
     eos, never = stop_ids(policy, tok), suppress_ids(tok)
-    gen_kwargs = dict(do_sample=True, temperature=args.temperature, top_k=0, top_p=1.0, repetition_penalty=1.0,
-                      max_new_tokens=args.max_new_tokens, suppress_tokens=never,
-                      eos_token_id=eos, pad_token_id=tok.pad_token_id, synced_gpus=world > 1)
+    gen_kwargs = sampling_kwargs(policy, tok, args.temperature, args.max_new_tokens, synced_gpus=world > 1)
     vkw = dict(nframes=args.nframes, max_pixels=args.max_pixels, min_pixels=args.min_pixels)
     t0 = time.time()
 
@@ -467,17 +475,6 @@ def step_prompts(samples: list, step: int, args, rank: int, world: int) -> list:
 # Logs
 
 
-def _keep_steps_upto(path: str, last: int) -> None:
-    """A killed run may have logged steps after its last checkpoint: drop them (atomic rewrite)."""
-    if not os.path.isfile(path):
-        return
-    with open(path) as f:
-        lines = [ln for ln in f if ln.strip() and json.loads(ln)["step"] <= last]
-    with open(path + ".tmp", "w") as f:
-        f.writelines(lines)
-    os.replace(path + ".tmp", path)
-
-
 def _append(path: str, records: list[dict]) -> None:
     with open(path, "a") as f:
         f.writelines(json.dumps(r) + "\n" for r in records)
@@ -588,7 +585,7 @@ def main(argv=None) -> None:
         for path in (metrics, rollouts_path):
             if start == 0 and os.path.exists(path):
                 os.remove(path)
-            _keep_steps_upto(path, start)
+            keep_steps_upto(path, start)
     opt_steps = args.mu * (P // mini)
     print0(f"GRPO: {world} rank(s) x {P // world} prompts x G={G} = {P * G} answers per step, {opt_steps} optimizer "
              f"step(s) per rollout batch ({mini} prompts each, mu={args.mu}); {args.steps} steps over {len(samples)} "

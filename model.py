@@ -185,8 +185,8 @@ def load_for_training(path: str, ds_cfg: dict, dtype: torch.dtype):
 
 def freeze_vision(model) -> int:
     """Freeze the vision tower (`model.visual`: the ViT and its patch merger); returns the number of
-    frozen parameters. For the tiny preset: a randomly initialised ViT trained from scratch on ~1,300
-    SFT samples collapses to one constant vector for every video token (measured: token-to-background
+    frozen parameters. For the tiny preset: a randomly initialised ViT trained from scratch on a few
+    thousand SFT samples collapses to one constant vector for every video token (measured: token-to-background
     distance falls from 0.2-0.8 of the norm to 0.01), so the language model can no longer see the
     video. Kept fixed, the random ViT is a rich feature extractor (a linear probe reads the shape's
     colour from it at 91% held out). Qwen's own fine-tuning scripts freeze the ViT by default too; the
@@ -276,6 +276,18 @@ def latest_checkpoint(out_dir: str) -> str | None:
     done = sorted(d for d in os.listdir(out_dir) if d.startswith("checkpoint-")
                   and os.path.isfile(os.path.join(out_dir, d, "trainer_state.json")))
     return os.path.join(out_dir, done[-1]) if done else None
+
+
+def keep_steps_upto(path: str, last: int) -> None:
+    """A killed run may have logged steps after its last checkpoint: keep the JSONL records of steps
+    <= `last` only (atomic rewrite), so a resumed run logs no step twice."""
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        lines = [ln for ln in f if ln.strip() and json.loads(ln)["step"] <= last]
+    with open(path + ".tmp", "w") as f:
+        f.writelines(lines)
+    os.replace(path + ".tmp", path)
 
 
 def load_checkpoint(engine, ckpt: str) -> dict:

@@ -67,8 +67,8 @@ from tqdm import tqdm
 
 from data import MAX_PIXELS, MIN_PIXELS, NFRAMES, DataError, Sample, build_inputs, format_answer, load_video, \
     sample_from_dict
-from model import (dist_env, ds_config, freeze_vision, init_distributed, latest_checkpoint, load_checkpoint,
-                   load_for_training, load_processor, print0, save_checkpoint, save_hf)
+from model import (dist_env, ds_config, freeze_vision, init_distributed, keep_steps_upto, latest_checkpoint,
+                   load_checkpoint, load_for_training, load_processor, print0, save_checkpoint, save_hf)
 
 IGNORE = -100  # label of a token that carries no loss (cross_entropy's ignore_index)
 
@@ -355,11 +355,7 @@ def main(argv=None) -> None:
         with open(os.path.join(out, "config.json"), "w") as f:
             json.dump({"args": vars(args), "deepspeed": cfg, "grad_accum": grad_accum, "world": world,
                        "run": run_key}, f, indent=1)
-        # Keep the metrics of the steps the checkpoint contains; drop those of the killed run after it.
-        old = [l for l in open(metrics_path)] if os.path.isfile(metrics_path) else []
-        with open(metrics_path + ".tmp", "w") as f:
-            f.writelines(l for l in old if l.strip() and json.loads(l)["step"] <= step)
-        os.replace(metrics_path + ".tmp", metrics_path)
+        keep_steps_upto(metrics_path, step)  # drop the steps a killed run logged after its checkpoint
 
     def checkpoint_state() -> dict:
         return dict(run=run_key, epoch=epoch, index=index, config=dict(args=vars(args), deepspeed=cfg))
