@@ -250,7 +250,9 @@ def _article(word: str) -> str:
 
 
 def synth_caption(color: str, shape: str) -> str:
-    return f"{_article(color)} {color} {shape} moves across the screen"
+    # The colour last: it is the word that tells a video's events apart (each colour appears once per
+    # video, shapes repeat), and the captions teacher marks the chosen event right after that word.
+    return f"a {shape} in {color} moves across the screen"
 
 
 def synth_vocabulary() -> list[str]:

@@ -2,7 +2,7 @@
 # VTG-R1 end to end: data -> teacher CoT + IoU split -> SFT -> GRPO -> eval.
 #
 #   bash run.sh                   # the main job: the tiny preset where no GPU is present, else the paper preset
-#   bash run.sh tiny [--fresh]    # tiny random Qwen2.5-VL + synthetic videos, 2 CPU cores, ~10 min
+#   bash run.sh tiny [--fresh]    # tiny random Qwen2.5-VL + synthetic videos, 2 CPU cores, ~12 min
 #   bash run.sh paper [--dry-run] # Qwen2.5-VL-7B on 2 nodes x 8 H100 (HOSTFILE), the paper's hyperparameters
 #   bash run.sh test [pytest args]# the test suite
 #
@@ -63,7 +63,7 @@ tiny() {
 
     # 1. synthetic videos with known events (3 coloured shapes per video, each in its own window)
     [ -f "$RUN/data/test.jsonl" ] || run python data.py synth --out "$RUN/data" \
-        --train "${TRAIN_VIDEOS:-1500}" --test "${TEST_VIDEOS:-40}" --seed "${SEED:-0}"
+        --train "${TRAIN_VIDEOS:-1500}" --test "${TEST_VIDEOS:-100}" --seed "${SEED:-0}"
     # 2. the tiny random Qwen2.5-VL (a real one, saved with save_pretrained)
     [ -f "$RUN/base_model/config.json" ] || run python model.py tiny --out "$RUN/base_model" \
         --hidden "${HIDDEN:-128}" --layers "${LAYERS:-2}" --heads "${HEADS:-4}" --vision-hidden "${VISION_HIDDEN:-64}" \
@@ -75,12 +75,12 @@ tiny() {
     # 5. cold-start SFT (resumable; a finished run returns at once). The random ViT stays frozen: trained
     #    from scratch on this little data it collapses to one vector for every video token (model.freeze_vision).
     run python sft.py --model "$RUN/base_model" --data "$RUN/annotate/coldstart.jsonl" --out "$RUN/sft" \
-        --max-steps "${SFT_STEPS:-900}" --batch-size "${SFT_BATCH:-32}" --micro-batch "${SFT_BATCH:-32}" \
+        --max-steps "${SFT_STEPS:-1800}" --batch-size "${SFT_BATCH:-32}" --micro-batch "${SFT_BATCH:-32}" \
         --lr "${SFT_LR:-2e-3}" --freeze-vision \
         --warmup-ratio 0.05 $VIDEO --resume ${SFT_ARGS:-}
     # 6. GRPO from the SFT model on the RL set (the original ground truth), reward 0.9 IoU + 0.1 format
     run python grpo.py --model "$RUN/sft/model" --data "$RUN/annotate/rl.jsonl" --out "$RUN/grpo" \
-        --steps "${GRPO_STEPS:-20}" --group-size 8 --prompts-per-step "${GRPO_PROMPTS:-4}" --lr "${GRPO_LR:-5e-5}" \
+        --steps "${GRPO_STEPS:-40}" --group-size 8 --prompts-per-step "${GRPO_PROMPTS:-8}" --lr "${GRPO_LR:-1e-5}" \
         --max-new-tokens "${MAX_NEW_TOKENS:-200}" --freeze-vision $VIDEO --resume ${GRPO_ARGS:-}
     # 7. held-out test videos: base, SFT, SFT+GRPO, and the best constant span fitted on the train set
     local name

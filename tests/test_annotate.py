@@ -299,14 +299,16 @@ def test_captions_teacher_coldstart_is_valid_sft_data(tmp_path, synth_dir, tiny_
     assert [s.id for s in cold] == list(train)
     for s in cold:
         assert s.answer == train[s.id].spans[0] and s.spans == train[s.id].spans
-        # every event with its times, in time order, then the conclusion
+        # the events with their times in time order up to the queried one, marked, then the answer
         caps = sorted(train[s.id].captions, key=lambda c: c["start"])
-        events = " ".join(f"{c['text'][:1].upper() + c['text'][1:]} from {c['start']:.2f} s to {c['end']:.2f} s."
-                          for c in caps)
-        assert s.cot.startswith(events + " The query matches ")
-        pick = next(c for c in caps if [c["start"], c["end"]] == s.answer)  # its words and times, repeated
-        assert f"The query matches {pick['text']} from {s.answer[0]:.2f} s to {s.answer[1]:.2f} s, " in s.cot
-        assert s.cot.endswith(f"so the answer is {s.answer[0]:.2f} to {s.answer[1]:.2f} seconds.")
+        pick = next(k for k, c in enumerate(caps) if [c["start"], c["end"]] == s.answer)
+        cap = lambda c: c["text"][:1].upper() + c["text"][1:]  # noqa: E731
+        before = "".join(f"{cap(c)} from {c['start']:.2f} s to {c['end']:.2f} s. " for c in caps[:pick])
+        color = next(c for c in data.SYNTH_COLORS if c in caps[pick]["text"].split())
+        assert color in s.query.split()  # noise 0: the right event
+        marked = cap(caps[pick]).replace(f" in {color} ", f" in {color} (the query) ")
+        assert s.cot == (f"{before}{marked} from {s.answer[0]:.2f} s to {s.answer[1]:.2f} s. "
+                         f"So the answer is {s.answer[0]:.2f} to {s.answer[1]:.2f} seconds.")
         assert reward.format_reward(data.format_answer(s.cot, s.answer)) == 1.0
     # What sft.py checks: non-empty cot, an answer span, a readable video that build_inputs turns into inputs.
     processor = model.load_processor(tiny_model_dir)
@@ -318,6 +320,18 @@ def test_captions_teacher_coldstart_is_valid_sft_data(tmp_path, synth_dir, tiny_
     assert cold[0].cot[:40] in decoded
 
 
+def test_mark_caption_goes_after_the_deciding_word():
+    q = {"when", "does", "the", "red", "bar", "appear"}
+    # the last word only this caption has and the query has: the colour (the shape repeats)
+    assert annotate.mark_caption("a bar in red moves", ["a bar in blue moves"], q) == "a bar in red (the query) moves"
+    # the shape is unique too, but the colour comes later: still after the colour
+    assert annotate.mark_caption("A bar in red.", ["a circle in blue"], q) == "A bar in red (the query)."
+    # no word of its own in the query (a noisy pick): after its own last word; none at all: at the end
+    assert annotate.mark_caption("a dog runs", ["a cat runs"], q) == "a dog (the query) runs"
+    assert annotate.mark_caption("a cat runs", ["a cat runs"], q) == "a cat runs (the query)"
+    assert annotate.mark_caption("a cat runs", [], {"x"}) == "a cat runs (the query)"
+
+
 def test_captions_noise_is_filtered_and_reproducible(tmp_path, synth_dir):
     flags = ["--data", str(synth_dir / "train.jsonl"), "--teacher", "captions", "--noise", "0.6", "--seed", "3"]
     annotate.main(flags + ["--out", str(tmp_path / "a")])
@@ -325,7 +339,7 @@ def test_captions_noise_is_filtered_and_reproducible(tmp_path, synth_dir):
     a = {r["id"]: r for r in lines(tmp_path / "a" / "annotations.jsonl")}
     b = {r["id"]: r for r in lines(tmp_path / "b" / "annotations.jsonl")}
     assert {k: r["response"] for k, r in a.items()} == {k: r["response"] for k, r in b.items()}
-    assert a[next(iter(a))]["model"] == "captions-v2-noise0.6-seed3"
+    assert a[next(iter(a))]["model"] == "captions-v3-noise0.6-seed3"
     ious = [r["iou"] for r in a.values()]
     assert all(r["status"] == "ok" for r in a.values())  # noisy, but always well formed
     assert min(ious) < 0.4 and max(ious) == 1.0  # the filter has something to filter
