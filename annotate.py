@@ -54,6 +54,7 @@ from __future__ import annotations
 import argparse
 import base64
 import fcntl
+import functools
 import importlib
 import io
 import json
@@ -162,9 +163,7 @@ def split_of(iou: float, hi: float, lo: float) -> str:
 
 def think_text(text: str) -> str:
     """The last complete <think>...</think> block, stripped ('' if none)."""
-    end = text.rfind("</think>")
-    start = text.rfind("<think>", 0, end) if end >= 0 else -1
-    return text[start + len("<think>"):end].strip() if start >= 0 else ""
+    return (data.tag_block(text, "think") or "").strip()
 
 
 def judge(text: str, sample: Sample) -> tuple[str, list[float] | None, float]:
@@ -194,19 +193,27 @@ def status_of(e: BaseException) -> int | None:
     return code if isinstance(code, int) else None
 
 
-def is_transient(e: BaseException) -> bool:
-    """429, 408, 5xx, timeouts and dropped connections: worth another try."""
+@functools.lru_cache(maxsize=1)
+def transport_errors() -> tuple[type[BaseException], ...]:
+    """The transport errors worth a retry. main() calls this once before any worker thread starts: a
+    first `import httpx` racing in two threads leaves a half-initialised module in sys.modules that
+    the openai SDK then trips over (seen once gradio, which brings httpx, was installed)."""
     import openai  # wraps its transport errors in APIConnectionError (and APITimeoutError)
-    status = status_of(e)
-    if status is not None:
-        return status in (408, 429) or status >= 500
     transport = []  # google-genai lets httpx/httpx2 errors through; it uses whichever is installed
     for name in ("httpx", "httpx2"):
         try:
             transport.append(importlib.import_module(name).TransportError)
         except ImportError:
             pass
-    return isinstance(e, (openai.APIConnectionError, TimeoutError, ConnectionError, *transport))
+    return (openai.APIConnectionError, TimeoutError, ConnectionError, *transport)
+
+
+def is_transient(e: BaseException) -> bool:
+    """429, 408, 5xx, timeouts and dropped connections: worth another try."""
+    status = status_of(e)
+    if status is not None:
+        return status in (408, 429) or status >= 500
+    return isinstance(e, transport_errors())
 
 
 def with_retries(call: Callable, args, stop: threading.Event) -> tuple[object, int]:
@@ -523,6 +530,7 @@ def main(argv=None) -> None:
     key = api_key(args.teacher)
     stop = threading.Event()  # set when the run ends or aborts: workers still running stop retrying
     ask, model = make_teacher(args, key, stop)
+    transport_errors()  # import the HTTP stacks here, in one thread, before the workers start
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     ann_path = out / "annotations.jsonl"

@@ -2,11 +2,13 @@ r"""Data for every stage: the Sample record, the paper's prompt, video -> model 
 readers and a synthetic benchmark with known events.
 
     python data.py synth   --out data/synth --train 400 --test 100 --seed 0
-    python data.py convert --format charades_sta --input ../shared/data/charades_sta/charades_sta_test.txt \
+    python data.py convert --format charades_sta --input assets/charades_sta/charades_sta_test.txt \
                            --video-root /data/charades/videos --out charades_test.jsonl
-    python data.py convert --format nextgqa --input ../shared/data/nextgqa/test.csv --out nextgqa_test.jsonl
-    python data.py convert --format rextime --input ../shared/data/rextime/rextime_val.jsonl --out rextime_val.jsonl
-    python data.py convert --format tvg_r1  --input TVG_RL_18K.json --video-root /data/tvg --out rl.jsonl
+    python data.py convert --format nextgqa --input assets/nextgqa/test.csv --out nextgqa_test.jsonl
+    python data.py convert --format rextime --input assets/rextime/rextime_val.jsonl --out rextime_val.jsonl
+    python data.py convert --format tvg_r1  --input TVG_RL_18K.json --video-root /data/videomind --out rl.jsonl
+    python data.py convert --format tvg_r1  --input TVG_ColdStart.json --video-root /data/videomind \
+                           --require-cot [--cot-field NAME] --out coldstart.jsonl
 
 One record type flows through the whole pipeline: a `Sample`, stored one per line as JSONL. Times are
 seconds; spans are `[start, end]` floats.
@@ -220,6 +222,84 @@ def build_inputs(processor, samples: list[Sample], videos: list | None = None, a
 
 
 # -----------------------------------------------------------------------------
+# TaRO (grpo.py --taro): the shuffled video of the temporal-sensitivity reward and the guided prefix.
+# Released code: github oceanflowlab/TaRO @ 143a234, src/utils.py.
+
+
+def frame_times(meta: dict) -> list[float]:
+    """The second of each frame `load_video` returned. qwen-vl-utils' metadata holds the source fps and
+    the sampled frames' indices in the source file, so frame k is at frames_indices[k] / fps. (TaRO
+    subtracts the first index because its clips can start at `video_start`; our spans count from the
+    start of the file, as the indices do.)"""
+    fps = float(meta["fps"])
+    return [float(i) / fps for i in meta["frames_indices"]]
+
+
+def shuffle_boundary_frames(frames, times, span, radius: float, generator):
+    """TaRO's perturbed video V': the frames near the GT start permuted among themselves, and likewise
+    the frames near the GT end, each window on its own (a new tensor; `frames` is not modified).
+
+    frames: (T, C, H, W); times: (T,) seconds of each frame (`frame_times`), a list or a tensor;
+    span: the GT [start, end]; radius: seconds (TaRO's scripts: 3). A frame is in a window when
+    |t - boundary| <= radius (inclusive, as TaRO's). When the two windows overlap, a shared frame
+    belongs to the start window only, so each frame moves at most once; TaRO permutes the start window
+    and then the end window in place, so a shared frame can move twice. A window of fewer than 2 frames
+    is left as is. The permutation is torch.randperm on `generator` (a seeded torch.Generator gives the
+    same V' every time) and may leave some frames in place, as TaRO's does.
+
+    The frames are permuted one by one, before Qwen2.5-VL merges each 2 consecutive frames into one
+    temporal patch, as TaRO does: a swap inside a patch changes what the patch sees, a swap across
+    patches moves content to another time position."""
+    import torch
+
+    start, end = float(span[0]), float(span[1])
+    t = [float(x) for x in times]
+    near_start = [k for k, x in enumerate(t) if abs(x - start) <= radius]
+    near_end = [k for k, x in enumerate(t) if abs(x - end) <= radius and abs(x - start) > radius]
+    out = frames.clone()
+    for window in (near_start, near_end):
+        if len(window) >= 2:
+            idx = torch.tensor(window)
+            out[idx] = frames[idx[torch.randperm(len(idx), generator=generator)]]
+    return out
+
+
+def caption_sentence(text: str, start: float, end: float) -> str:
+    """One dense caption as a sentence of the captions teacher (annotate.caption_answer), e.g.
+    'A circle in blue moves across the screen from 6.25 s to 9.50 s.'"""
+    text = str(text).strip().rstrip(".")
+    return f"{text[:1].upper() + text[1:]} from {float(start):.2f} s to {float(end):.2f} s."
+
+
+def guided_prefix(query: str, captions: list[dict] | None, generator) -> str | None:
+    """TaRO's guided reasoning (constructive reasoning exploration): a start of the answer the policy
+    continues from, built from the dense captions without the ground truth:
+
+        <think>\\nI need to find the specific moment {query}.\\n{caption}\\n{caption}...
+
+    k of the n captions, k uniform in 1..n, drawn without replacement and kept in time order, one
+    sentence a line. None without captions (the rollout is then unguided, as in TaRO).
+
+    Where it differs from TaRO's released `sample_reasoning`: their captions are ready-made strings
+    from their training file (not in the released repository; the example in their prompt writes
+    "From 0.0s to 5.2s, a person is ..."), taken in file order, drawn with Python's global `random`.
+    Ours are {start, end, text} records, sorted by time here, each written as the captions teacher
+    writes it (`caption_sentence`), so a model SFT-trained on that teacher continues in its own words;
+    the random numbers come from a torch.Generator. The query is inserted as is, like theirs, but the
+    '.' after it is left out when it already ends in '.', '?' or '!'."""
+    import torch
+
+    if not captions:
+        return None
+    caps = sorted(captions, key=lambda c: (float(c["start"]), float(c["end"])))
+    k = int(torch.randint(1, len(caps) + 1, (1,), generator=generator))
+    chosen = sorted(torch.randperm(len(caps), generator=generator)[:k].tolist())
+    q = query.strip()
+    head = f"<think>\nI need to find the specific moment {q}{'' if q.endswith(('.', '?', '!')) else '.'}\n"
+    return head + "\n".join(caption_sentence(caps[i]["text"], caps[i]["start"], caps[i]["end"]) for i in chosen)
+
+
+# -----------------------------------------------------------------------------
 # Synthetic benchmark: real mp4 files with coloured shapes shown in known windows.
 # Each video has several events; every event has its own colour, so the query ("the red circle")
 # names exactly one event and the others are distractors the model must not pick.
@@ -360,7 +440,7 @@ def synth(out: str, n_train: int, n_test: int, seed: int = 0, events: int = 3, w
 
 
 # -----------------------------------------------------------------------------
-# Readers for the real benchmark files (../shared/data) and the released TVG-R1 training JSON.
+# Readers for the real benchmark files (assets/) and the released TVG-R1 training JSON.
 # (section owned by the readers work; see tests/test_data_readers.py)
 #
 # Each reader turns one benchmark file into Samples, validating every record: a bad record raises
@@ -379,6 +459,50 @@ BENCHMARK_FORMATS = ("charades_sta", "nextgqa", "rextime", "tvg_r1")
 
 def _video_path(video_root: str | Path | None, rel: str) -> str:
     return str(Path(video_root).resolve() / rel) if video_root else rel
+
+
+# Directories a released path may name that `prepare.py videos` lays out differently (first match wins):
+# by default it downloads VideoMind-Dataset's 3 fps re-encodes (480p, the same seconds) instead of the
+# originals, and takes the 16K query-grounding videos (ActivityNet and QVHighlights clips, which
+# Grounded-VideoLLM ships again as ~255 GB of zip chunks) from the 3 fps sets the benchmarks need anyway.
+VIDEO_DIR_ALIASES = [
+    ("videos", "videos_3fps_480_noaudio"),
+    ("GroundedVLLM/activitynet", "activitynet/videos_3fps_480_noaudio"),
+    ("GroundedVLLM/qvhighlights", "qvhighlights/videos_3fps_480_noaudio"),
+]
+
+
+def resolve_video(path: str, video_root: str | Path | None) -> str:
+    """Where a released record's video is on this machine. TVG-R1's files may hold paths relative to a
+    data folder (`didemo/videos/x.mp4`) or the authors' own absolute ones
+    (`/opt/tiger/video-r1/data/didemo/videos/x.mp4`). Tried in order, the first file that exists wins:
+
+    1. the path itself when absolute, then `video_root / path`;
+    2. `video_root / tail` for each shorter tail of the path (`data/didemo/videos/x.mp4`, then
+       `didemo/videos/x.mp4`, ...): the longest tail that exists, so a same-named file of another
+       source never wins over the right one;
+    3. the same tails with a directory of VIDEO_DIR_ALIASES swapped in (and `.mp4`, the re-encodes'
+       extension).
+
+    When nothing exists: `video_root / path` (absolute, as before), which the callers report as missing."""
+    if not video_root:
+        return path
+    root = Path(video_root).resolve()
+    if os.path.isabs(path) and os.path.isfile(path):
+        return path
+    parts = [p for p in Path(path).parts if p not in ("/", ".", "")]
+    for i in range(len(parts)):
+        tail = "/".join(parts[i:])
+        if (root / tail).is_file():
+            return str(root / tail)
+    for i in range(len(parts)):
+        tail = "/" + "/".join(parts[i:-1]) + "/"
+        for old, new in VIDEO_DIR_ALIASES:
+            if f"/{old}/" in tail:
+                cand = root / (tail.replace(f"/{old}/", f"/{new}/", 1).strip("/") + "/" + Path(parts[-1]).stem + ".mp4")
+                if cand.is_file():
+                    return str(cand)
+    return str(root / path.lstrip("/"))
 
 
 def _video_duration(path: str, cache: dict) -> float | None:
@@ -588,9 +712,11 @@ def read_rextime(path: str | Path, video_root: str | Path | None = None) -> list
     * `rextime_val.json` (VideoMind's, a JSON list): `qid`, `vid`, `duration`, `question`, `span`.
     * `rextime_val.jsonl` (official): `qid`, `vid`, `duration`, `query`, `relevant_windows`.
 
-    Both give the same 921 samples (id = qid). Duration comes from the file. Video layout (VideoMind's,
-    minus its `videos_3fps_480_noaudio` level): `{video_root}/activitynet/{vid}.mp4` when
-    `len(vid) == 13` (ActivityNet ids `v_xxxxxxxxxxx`), else `{video_root}/qvhighlights/{vid}.mp4`."""
+    Both give the same 921 samples (id = qid). Duration comes from the file. Video:
+    `{video_root}/activitynet/{vid}.mp4` when `len(vid) == 13` (ActivityNet ids `v_xxxxxxxxxxx`), else
+    `{video_root}/qvhighlights/{vid}.mp4`; VideoMind's own layout, with its 3 fps folder level
+    (`{video_root}/activitynet/videos_3fps_480_noaudio/{vid}.mp4`, what `prepare.py videos` extracts),
+    is used instead when that file exists."""
     path = Path(path)
     out: list[Sample] = []
     seen: dict[str, str] = {}
@@ -601,40 +727,126 @@ def read_rextime(path: str | Path, video_root: str | Path | None = None) -> list
         else:
             query, spans = _field(d, "question", where), _field(d, "span", where)
         sub = "activitynet" if len(vid) == 13 else "qvhighlights"
-        _add(out, seen, where, id=str(_field(d, "qid", where)), video=_video_path(video_root, f"{sub}/{vid}.mp4"),
+        video = _video_path(video_root, f"{sub}/{vid}.mp4")
+        if video_root and not os.path.isfile(video):  # VideoMind's own layout keeps the 3 fps folder level
+            alt = _video_path(video_root, f"{sub}/videos_3fps_480_noaudio/{vid}.mp4")
+            video = alt if os.path.isfile(alt) else video
+        _add(out, seen, where, id=str(_field(d, "qid", where)), video=video,
              duration=_field(d, "duration", where), query=query, spans=spans, source="rextime")
     return _nonempty(out, path)
 
 
-def read_tvg_r1(path: str | Path, video_root: str | Path | None = None) -> list[Sample]:
-    """The released TVG-R1 training JSON: a list of objects with `problem` (the query), `video` (path
-    relative to `video_root`, or absolute), `video_length` (seconds), `gt_frame` and `dataset`.
+# The released cold-start file's reasoning field is named in no public code we could read, so it is
+# detected: these names in order, then a chat list (LLaVA's `conversations`, or `messages`: the last
+# assistant turn), then any text field holding a `<think>` tag. `convert --cot-field NAME` picks one.
+COT_FIELDS = ("cot", "reasoning", "reasoning_process", "think", "thinking", "thought", "thoughts", "rationale",
+              "chain_of_thought", "process", "response", "output", "solution", "gemini_response")
+CHAT_FIELDS = ("conversations", "messages")
+
+
+def _chat_answer(turns) -> str | None:
+    """The last assistant turn's text of a chat list ({from: gpt, value} or {role: assistant, content})."""
+    if not isinstance(turns, list):
+        return None
+    for t in reversed(turns):
+        if isinstance(t, dict) and (t.get("from") or t.get("role")) in ("gpt", "assistant", "model"):
+            text = t.get("value", t.get("content"))
+            if isinstance(text, list):  # [{type: text, text: ...}, ...]
+                text = "".join(c.get("text", "") for c in text if isinstance(c, dict))
+            return text if isinstance(text, str) and text.strip() else None
+    return None
+
+
+def detect_cot_field(record: dict) -> str | None:
+    """The field of one released record that holds the teacher's reasoning, or None."""
+    for k in COT_FIELDS:
+        if isinstance(record.get(k), str) and record[k].strip():
+            return k
+    for k in CHAT_FIELDS:
+        if _chat_answer(record.get(k)) is not None:
+            return k
+    return next((k for k, v in record.items() if isinstance(v, str) and "<think>" in v), None)
+
+
+def tag_block(text: str, tag: str) -> str | None:
+    """The content of the last complete <tag>...</tag> (the last closing tag and the nearest opening one
+    before it), or None."""
+    end = text.rfind(f"</{tag}>")
+    start = text.rfind(f"<{tag}>", 0, end) if end >= 0 else -1
+    return text[start + len(tag) + 2:end] if start >= 0 else None
+
+
+def split_reasoning(text: str) -> tuple[str, list[float] | None]:
+    """A teacher's text -> (reasoning, its span or None). `<think>A</think> <time>[s, e]</time>` gives
+    ("A", [s, e]); the span is read with the reward's strict parser from `<time>`, else from `<answer>`
+    (the tag the paper's text names). A text without a <think> block is all reasoning, minus its answer."""
+    import reward
+    span = reward.parse_span(text, "time") or reward.parse_span(text, "answer")
+    think = tag_block(text, "think")
+    if think is None:
+        think = text
+        for tag in ("time", "answer"):
+            block = tag_block(think, tag)
+            if block is not None:
+                think = think.replace(f"<{tag}>{block}</{tag}>", "")
+    return think.strip(), None if span is None else [float(span[0]), float(span[1])]
+
+
+def read_tvg_r1(path: str | Path, video_root: str | Path | None = None, cot_field: str = "auto",
+                require_cot: bool = False) -> list[Sample]:
+    """The released TVG-R1 training JSON: a list of objects with `problem` (the query), `video`, `video_length`
+    (seconds), `gt_frame` and `dataset`; the cold-start file also holds the teacher's reasoning.
 
     `gt_frame` is `[start, end]` in SECONDS despite its name: TVG-R1's reward divides it by
     `video_length` exactly as it divides the predicted seconds. (A `choices` key, empty for grounding,
     is ignored.) When `video_length` is missing (TVG-R1 measures charades_train from the decoded video)
     the duration comes from the video file if it exists, else None. id = `id` or `qid` when present,
-    else `{dataset}_{index}`; source = `dataset`. A JSONL file of the same objects also reads."""
+    else `{dataset}_{index}`; source = `dataset`. A JSONL file of the same objects also reads.
+    Video: `resolve_video(video, video_root)` (the authors' absolute paths are found under the root).
+
+    Reasoning: `cot_field` "auto" detects the field in the first record (`detect_cot_field`), a name
+    reads that field, "none" reads none. Once a field is chosen every record must have it; its text
+    becomes `cot` and, when it ends in a `<time>` span, `answer` (`split_reasoning`). With
+    `require_cot` a file where none is found is an error that lists the fields there are."""
     path = Path(path)
+    records = list(_json_records(path))
+    field = None
+    if cot_field == "auto" and records:
+        field = detect_cot_field(records[0][1])
+    elif cot_field not in ("auto", "none"):
+        field = cot_field
+    if require_cot and field is None:
+        where, first = records[0] if records else (str(path), {})
+        raise DataError(f"{where}: no reasoning field found (fields: {', '.join(sorted(first)) or 'none'}); "
+                        f"name it with --cot-field NAME")
     cache: dict = {}
     out: list[Sample] = []
     seen: dict[str, str] = {}
-    for i, (where, d) in enumerate(_json_records(path)):
+    for i, (where, d) in enumerate(records):
         dataset = str(d.get("dataset") or "tvg_r1")
-        video = _video_path(video_root, str(_field(d, "video", where)))
+        video = resolve_video(str(_field(d, "video", where)), video_root)
         duration = d.get("video_length")
         if duration is None and video_root:
             duration = _video_duration(video, cache)
         sid = d.get("id", d.get("qid"))
+        extra = {}
+        if field is not None:
+            text = _chat_answer(d.get(field)) if field in CHAT_FIELDS else d.get(field)
+            if not isinstance(text, str) or not text.strip():
+                raise DataError(f"{where}: no reasoning in field {field!r} (fields: {', '.join(sorted(d))})")
+            extra["cot"], extra["answer"] = split_reasoning(text)
+            if not extra["cot"]:
+                raise DataError(f"{where}: the reasoning in field {field!r} is empty once its tags are removed")
         _add(out, seen, where, id=str(sid) if sid is not None else f"{dataset}_{i}", video=video, duration=duration,
-             query=_field(d, "problem", where), spans=_field(d, "gt_frame", where), source=dataset)
+             query=_field(d, "problem", where), spans=_field(d, "gt_frame", where), source=dataset, **extra)
     return _nonempty(out, path)
 
 
 def read_benchmark(fmt: str, path: str | Path, video_root: str | Path | None = None,
-                   durations: str | Path | dict | None = None) -> list[Sample]:
+                   durations: str | Path | dict | None = None, **tvg_r1) -> list[Sample]:
     """One entry point for scripts: fmt is one of BENCHMARK_FORMATS. `durations` applies to
-    charades_sta only (the other formats carry their durations)."""
+    charades_sta only (the other formats carry their durations); `tvg_r1` keywords (cot_field,
+    require_cot) to tvg_r1 only."""
     if durations is not None and fmt != "charades_sta":
         raise ValueError(f"durations apply to charades_sta only; {fmt} files carry their own durations")
     if fmt == "charades_sta":
@@ -644,7 +856,7 @@ def read_benchmark(fmt: str, path: str | Path, video_root: str | Path | None = N
     if fmt == "rextime":
         return read_rextime(path, video_root)
     if fmt == "tvg_r1":
-        return read_tvg_r1(path, video_root)
+        return read_tvg_r1(path, video_root, **tvg_r1)
     raise ValueError(f"unknown benchmark format {fmt!r}; expected one of {', '.join(BENCHMARK_FORMATS)}")
 
 
@@ -653,9 +865,14 @@ def read_benchmark(fmt: str, path: str | Path, video_root: str | Path | None = N
 
 
 def _convert(args) -> None:
-    samples = read_benchmark(args.format, args.input, args.video_root, args.durations)
+    kw = dict(cot_field=args.cot_field, require_cot=args.require_cot) if args.format == "tvg_r1" else {}
+    samples = read_benchmark(args.format, args.input, args.video_root, args.durations, **kw)
     out = Path(args.out)
     write_jsonl(out, samples)
+    if samples[0].cot is not None:
+        field = args.cot_field if args.cot_field != "auto" else detect_cot_field(next(_json_records(Path(args.input)))[1])
+        print(f"reasoning read from field {field!r} of every record ({sum(s.answer is not None for s in samples)} "
+              "with the teacher's own <time> span)")
     # The same resolution read_jsonl will apply: relative video paths are relative to the JSONL's directory.
     missing = [s.video for s in samples if not os.path.isfile(out.parent / s.video)]
     with_duration = sum(s.duration is not None for s in samples)
@@ -703,6 +920,11 @@ def main(argv: list[str] | None = None) -> None:
     pc.add_argument("--durations", default=None, metavar="JSON", help="charades_sta only: JSON {video id: "
                     "seconds} (e.g. VideoMind's durations.json), used when the input has no durations")
     pc.add_argument("--out", required=True, metavar="OUT.jsonl", help="output Sample JSONL (written atomically)")
+    pc.add_argument("--cot-field", default="auto", metavar="NAME", help="tvg_r1 only: the field holding the "
+                    "teacher's reasoning (cold-start file): auto detects it (data.COT_FIELDS, chat lists, a <think> "
+                    "tag), none ignores it")
+    pc.add_argument("--require-cot", action="store_true", help="tvg_r1 only: fail when no reasoning field is found "
+                    "(the cold-start file must have one: SFT trains on it)")
 
     args = p.parse_args(argv)
     if args.command == "synth":
@@ -712,6 +934,8 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "convert":
         if args.durations is not None and args.format != "charades_sta":
             p.error("--durations applies to --format charades_sta only")
+        if (args.require_cot or args.cot_field != "auto") and args.format != "tvg_r1":
+            p.error("--cot-field and --require-cot apply to --format tvg_r1 only")
         try:
             _convert(args)
         except (DataError, FileNotFoundError) as e:

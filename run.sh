@@ -4,6 +4,8 @@
 #   bash run.sh                   # the main job: the tiny preset where no GPU is present, else the paper preset
 #   bash run.sh tiny [--fresh]    # tiny random Qwen2.5-VL + synthetic videos, 2 CPU cores, ~12 min
 #   bash run.sh paper [--dry-run] # Qwen2.5-VL-7B on 2 nodes x 8 H100 (HOSTFILE), the paper's hyperparameters
+#   bash run.sh paper --rehearsal # the same stage commands on a CPU: a miniature released world, tiny sizes
+#   bash run.sh gpu-check         # on one NVIDIA GPU, ~5 min: NCCL, bf16, the update's memory, rollout speed
 #   bash run.sh test [pytest args]# the test suite
 #
 # Every command creates or reuses .venv and installs requirements.txt once (again only when the file
@@ -115,82 +117,156 @@ EOF
 }
 
 # -----------------------------------------------------------------------------
-# Paper preset: Qwen2.5-VL-7B, 2 nodes x 8 H100, the paper's hyperparameters (SPEC.md).
+# Paper preset: Qwen2.5-VL-7B, 2 nodes x 8 H100, the paper's hyperparameters. Every size and location
+# below is an environment variable, so the rehearsal (paper_rehearsal) runs these same stage commands
+# with small sizes on a CPU; nothing else differs.
 paper() {
-    local RUN=${RUN:-runs/paper} DRY=0
-    [ "${1:-}" = "--dry-run" ] && DRY=1
+    local RUN=${RUN:-runs/paper} MODE=${1:-}
+    case "$MODE" in ""|--dry-run|--rehearsal) ;; *) echo "unknown argument: $MODE (paper [--dry-run | --rehearsal])" >&2; exit 2 ;; esac
+    [ "$MODE" = --rehearsal ] && { paper_rehearsal; return; }
+    # where
     local MODEL=${MODEL:-Qwen/Qwen2.5-VL-7B-Instruct}
-    local HOSTFILE=${HOSTFILE:-hostfile}       # "node1 slots=8\nnode2 slots=8"
-    local VIDEOS=${VIDEO_ROOT:-$RUN/videos}     # VideoMind-Dataset layout: <dataset>/videos/...
-    local SFT_LAUNCH="deepspeed --num_nodes 1 --num_gpus 8"   # SFT's global batch 8 fits one node, not 16 ranks
-    local RL_LAUNCH="deepspeed --hostfile $HOSTFILE --num_nodes 2 --num_gpus 8"
-    local SFT="sft.py --model $RUN/base_model --data $RUN/data/coldstart.jsonl --out $RUN/sft --epochs 1 --lr 1e-6 \
-        --batch-size 8 --micro-batch 1 --zero-stage 3 --grad-ckpt --bf16 --no-cache-videos --resume"
-    local GRPO="grpo.py --model $RUN/sft/model --data $RUN/data/rl.jsonl --out $RUN/grpo --group-size 8 \
-        --prompts-per-step 128 --steps 600 --lr 1e-6 --beta 0 --max-new-tokens 2048 --temperature 1.0 \
-        --zero-stage 3 --grad-ckpt --gather-for-rollout --bf16 --save-every 50 --resume"
-    if [ $DRY = 1 ]; then
+    local HOSTFILE=${HOSTFILE:-hostfile}           # "node1 slots=8\nnode2 slots=8", for GRPO on 2 nodes
+    local VIDEOS=${VIDEO_ROOT:-$RUN/videos}         # VideoMind-Dataset's layout (prepare.py videos)
+    local DOWNLOAD=${DOWNLOAD:-$([ -n "${VIDEO_ROOT:-}" ] && echo 0 || echo 1)}  # videos you have: VIDEO_ROOT, no download
+    local BENCH=${BENCH:-assets}                    # the benchmarks' annotation files (shipped in assets/)
+    # sizes (the paper's)
+    local NODES=${NODES:-2} GPUS=${GPUS_PER_NODE:-8} SFT_GPUS=${SFT_GPUS:-8}  # SFT: global batch 8 = one node
+    local NFRAMES=${NFRAMES:-64} PIX=${MAX_PIXELS:-100352} MIN_PIX=${MIN_PIXELS:-3136}  # 64 frames, 128*28*28 px
+    local SFT_BATCH=${SFT_BATCH:-8} SFT_EPOCHS=${SFT_EPOCHS:-1} SFT_LR=${SFT_LR:-1e-6}
+    local PROMPTS=${GRPO_PROMPTS:-128} GROUP=${GROUP_SIZE:-8} STEPS=${GRPO_STEPS:-600} GRPO_LR=${GRPO_LR:-1e-6}
+    local NEW=${MAX_NEW_TOKENS:-2048} SAVE_EVERY=${SAVE_EVERY:-50} PRECISION=${PRECISION:---bf16}
+    local EVAL_MODELS=${EVAL_MODELS:-base sft grpo} PORT=${MASTER_PORT:-29500}
+    local VIDEO="--nframes $NFRAMES --max-pixels $PIX --min-pixels $MIN_PIX"
+    local SFT_LAUNCH="deepspeed --num_nodes 1 --num_gpus $SFT_GPUS --master_port $PORT"
+    local RL_LAUNCH="deepspeed --num_nodes $NODES --num_gpus $GPUS --master_port $PORT"
+    [ -f "$HOSTFILE" ] && RL_LAUNCH="deepspeed --hostfile $HOSTFILE --num_nodes $NODES --num_gpus $GPUS --master_port $PORT"
+    local SFT="sft.py --model $RUN/base_model --data $RUN/data/coldstart.jsonl --out $RUN/sft --epochs $SFT_EPOCHS \
+        --lr $SFT_LR --batch-size $SFT_BATCH --micro-batch 1 --zero-stage 3 --grad-ckpt $PRECISION --no-cache-videos \
+        $VIDEO --skip-bad --resume ${SFT_ARGS:-}"
+    local GRPO="grpo.py --model $RUN/sft/model --data $RUN/data/rl.jsonl --out $RUN/grpo --group-size $GROUP \
+        --prompts-per-step $PROMPTS --steps $STEPS --lr $GRPO_LR --beta 0 --max-new-tokens $NEW --temperature 1.0 \
+        --zero-stage 3 --grad-ckpt --gather-for-rollout $PRECISION $VIDEO --save-every $SAVE_EVERY --skip-bad --resume \
+        ${GRPO_ARGS:-}"
+    if [ "$MODE" = --dry-run ]; then
         echo "== dry run: no GPU, no download. Checking what can be checked and printing the plan."
         # Every stage's command line parses and its batch arithmetic holds for the ranks it runs on.
-        run python $SFT --dry-run --world-size 8
-        run python $GRPO --dry-run --world-size 16
+        run python $SFT --dry-run --world-size $SFT_GPUS
+        run python $GRPO --dry-run --world-size $((NODES * GPUS))
         run python eval.py --help >/dev/null
-        run python annotate.py --help >/dev/null
+        run python prepare.py --help >/dev/null
         run python plan.py
         echo
         echo "== the plan (bash run.sh paper on the first node of $HOSTFILE):"
-        echo "   1. download $MODEL -> $RUN/base_model; TVG processed data -> $RUN/hf; videos -> $VIDEOS"
-        echo "   2. annotate with Gemini if GEMINI_API_KEY is set, else use the released cold-start/RL files"
-        echo "   3. $SFT_LAUNCH $SFT"
-        echo "   4. $RL_LAUNCH $GRPO"
-        echo "   5. eval.py on Charades-STA, NExT-GQA, ReXTime with 8 GPUs (torchrun --nproc_per_node 8)"
+        echo "   1. prepare.py get $MODEL -> $RUN/base_model; RuizheChen/TVG_processed_data -> $RUN/hf"
+        echo "   2. prepare.py videos --root $VIDEOS (only the archives the recipe reads; --list prints their sizes)"
+        echo "   3. data.py convert the cold-start and RL files (or annotate with Gemini when GEMINI_API_KEY is set);"
+        echo "      prepare.py check: every video decodes at the training setting"
+        echo "   4. $SFT_LAUNCH $SFT"
+        echo "   5. $RL_LAUNCH $GRPO"
+        echo "   6. torchrun --nproc_per_node $GPUS eval.py: $EVAL_MODELS on Charades-STA, NExT-GQA, ReXTime"
         return
     fi
-    has_gpu || { echo "the paper preset needs GPUs (try 'bash run.sh paper --dry-run')" >&2; exit 2; }
+    [ "${REHEARSAL:-0}" = 1 ] || has_gpu || { echo "the paper preset needs GPUs (try 'bash run.sh paper --dry-run' or 'bash run.sh paper --rehearsal')" >&2; exit 2; }
     mkdir -p "$RUN/data"
-    # 1. weights and data from the hub (skipped when present)
-    [ -f "$RUN/base_model/config.json" ] || run hf download "$MODEL" --local-dir "$RUN/base_model"
-    [ -d "$RUN/hf" ] || run hf download RuizheChen/TVG_processed_data --repo-type dataset --local-dir "$RUN/hf"
-    [ -d "$VIDEOS" ] || run hf download yeliudev/VideoMind-Dataset --repo-type dataset --local-dir "$VIDEOS" \
-        --include "didemo/*" "tacos/*" "queryd/*" "hirest/*" "internvid_vtime/*" "charades_sta/*" \
-        "nextqa/*" "rextime/*" "activitynet/*" "qvhighlights/*"
-    # 2. cold-start and RL sets: our own Gemini annotation when a key is set, else the released files
+    local t0=$SECONDS
+
+    # 1-2. Weights and videos from the hub. Each step skips what it finished before.
+    run python prepare.py get --repo "$MODEL" --out "$RUN/base_model"
+    [ "$DOWNLOAD" = 1 ] && run python prepare.py videos --root "$VIDEOS" ${PREPARE_ARGS:-}
+    # 3. Cold-start and RL sets: our own Gemini annotation when a key is set, else TVG-R1's released files.
     if [ -n "${GEMINI_API_KEY:-}" ]; then
-        [ -f "$RUN/data/train.jsonl" ] || run python data.py convert --format tvg_r1 \
+        [ -f "$RUN/data/train.jsonl" ] || run python data.py convert --format tvg_r1 --cot-field none \
             --input "${TRAIN_JSON:?set TRAIN_JSON to the 56K raw annotation JSON}" --video-root "$VIDEOS" --out "$RUN/data/train.jsonl"
-        run python annotate.py --data "$RUN/data/train.jsonl" --teacher gemini --out "$RUN/data" --concurrency 16
+        run python annotate.py --data "$RUN/data/train.jsonl" --teacher gemini --out "$RUN/data/annotate" --concurrency 16
+        cp "$RUN/data/annotate/coldstart.jsonl" "$RUN/data/coldstart_all.jsonl"
+        cp "$RUN/data/annotate/rl.jsonl" "$RUN/data/rl_all.jsonl"
     else
-        # The released files (TVG-R1 training JSON: problem / video / video_length / gt_frame / dataset)
-        [ -f "$RUN/data/rl.jsonl" ] || run python data.py convert --format tvg_r1 \
-            --input "${RL_JSON:-$(ls "$RUN"/hf/*[Rr][Ll]*.json | head -n1)}" --video-root "$VIDEOS" --out "$RUN/data/rl.jsonl"
-        [ -f "$RUN/data/coldstart.jsonl" ] || run python data.py convert --format tvg_r1 \
-            --input "${COLDSTART_JSON:-$(ls "$RUN"/hf/*[Cc]old*.json | head -n1)}" --video-root "$VIDEOS" --out "$RUN/data/coldstart.jsonl"
+        run python prepare.py get --repo RuizheChen/TVG_processed_data --repo-type dataset --out "$RUN/hf"
+        local rl_json=${RL_JSON:-$(ls "$RUN"/hf/*[Rr][Ll]*.json | head -n1)}
+        local cold_json=${COLDSTART_JSON:-$(ls "$RUN"/hf/*[Cc]old*.json | head -n1)}
+        [ -f "$RUN/data/rl_all.jsonl" ] || run python data.py convert --format tvg_r1 --input "$rl_json" \
+            --video-root "$VIDEOS" --cot-field none --out "$RUN/data/rl_all.jsonl"
+        [ -f "$RUN/data/coldstart_all.jsonl" ] || run python data.py convert --format tvg_r1 --input "$cold_json" \
+            --video-root "$VIDEOS" --require-cot ${COT_FIELD:+--cot-field $COT_FIELD} --out "$RUN/data/coldstart_all.jsonl"
     fi
-    # 3-4. SFT on one node, GRPO on two
-    [ -d "$RUN/sft/model" ] || run $SFT_LAUNCH $SFT
-    [ -d "$RUN/grpo/model" ] || run $RL_LAUNCH $GRPO
-    # 5. the three benchmarks (the paper's: 64 frames, 128*28*28 px, greedy, 2048 new tokens)
-    local fmt file
-    for fmt in charades_sta nextgqa rextime; do
-        case $fmt in
-            charades_sta) file=../shared/data/charades_sta/charades_sta_test.txt ;;
-            nextgqa) file=../shared/data/nextgqa/test.csv ;;
-            rextime) file=../shared/data/rextime/rextime_val.jsonl ;;
-        esac
-        # VideoMind-Dataset's layout; ReXTime's reader wants <root>/{activitynet,qvhighlights}/<vid>.mp4
-        local extra
-        case $fmt in
-            charades_sta) extra="--video-root $VIDEOS/charades_sta/videos_3fps_480_noaudio
-                                 --durations $VIDEOS/charades_sta/durations.json" ;;
-            nextgqa) extra="--video-root $VIDEOS/nextqa/videos" ;;
-            rextime) mkdir -p "$RUN/rextime_videos"
-                     ln -sfn "$(realpath "$VIDEOS")/activitynet/videos_3fps_480_noaudio" "$RUN/rextime_videos/activitynet"
-                     ln -sfn "$(realpath "$VIDEOS")/qvhighlights/videos_3fps_480_noaudio" "$RUN/rextime_videos/qvhighlights"
-                     extra="--video-root $RUN/rextime_videos" ;;
-        esac
-        run torchrun --nproc_per_node 8 eval.py --model "$RUN/grpo/model" --format $fmt --data $file $extra \
-            --out "$RUN/eval/$fmt"
+    # Every video decodes at the training setting, before a GPU-hour is spent (DROP_BAD=1: leave bad ones out).
+    local split
+    for split in coldstart rl; do
+        [ -f "$RUN/data/$split.jsonl" ] || run python prepare.py check --data "$RUN/data/${split}_all.jsonl" \
+            --out "$RUN/data/$split.jsonl" $VIDEO $([ "${DROP_BAD:-0}" = 1 ] && echo --drop-bad)
     done
+
+    # 4-5. SFT on one node, GRPO on all of them (a finished stage returns at once: --resume). Every video
+    #      passed the check; one that fails mid-run anyway (a disk error) is replaced, logged and counted
+    #      (--skip-bad) rather than costing the run.
+    run $SFT_LAUNCH $SFT
+    run $RL_LAUNCH $GRPO
+
+    # 6. The three benchmarks, the paper's setting (64 frames, 128*28*28 px, greedy, 2048 new tokens)
+    local fmt name file extra model_dir
+    for name in $EVAL_MODELS; do
+        case $name in base) model_dir=$RUN/base_model ;; sft) model_dir=$RUN/sft/model ;; grpo) model_dir=$RUN/grpo/model ;;
+                      *) echo "unknown EVAL_MODELS entry: $name (base, sft, grpo)" >&2; exit 2 ;; esac
+        for fmt in charades_sta nextgqa rextime; do
+            case $fmt in
+                charades_sta) file=$BENCH/charades_sta/charades_sta_test.txt
+                              extra="--video-root $VIDEOS/charades_sta/videos_3fps_480_noaudio --durations $VIDEOS/charades_sta/durations.json" ;;
+                nextgqa) file=$BENCH/nextgqa/test.csv; extra="--video-root $VIDEOS/nextqa/videos" ;;
+                rextime) file=$BENCH/rextime/rextime_val.jsonl; extra="--video-root $VIDEOS" ;;
+            esac
+            [ -f "$RUN/eval/$name/$fmt/metrics.json" ] || run torchrun --nproc_per_node $GPUS --master_port $PORT \
+                eval.py --model "$model_dir" --format $fmt --data "$file" $extra --out "$RUN/eval/$name/$fmt" $VIDEO \
+                --max-new-tokens $NEW ${EVAL_ARGS:-}
+        done
+    done
+    run python - "$RUN" $((SECONDS - t0)) $EVAL_MODELS <<'EOF'
+import json, os, sys
+run, wall, models = sys.argv[1], float(sys.argv[2]), sys.argv[3:]
+names = {"charades_sta": "Charades-STA", "nextgqa": "NExT-GQA", "rextime": "ReXTime"}
+keys = ("R1@0.3", "R1@0.5", "R1@0.7", "mIoU")
+res = {}
+print(f"\nPaper preset ({run}/eval), percent, the paper's scorer (eval.py --parse official):")
+print(f"{'benchmark':<14}{'model':<7}{'n':>6}" + "".join(f"{k:>9}" for k in keys))
+for fmt, label in names.items():
+    for m in models:
+        r = json.load(open(f"{run}/eval/{m}/{fmt}/metrics.json"))["overall"]
+        res.setdefault(fmt, {})[m] = {k: r[k] for k in keys + ("n",)}
+        print(f"{label:<14}{m:<7}{r['n']:>6}" + "".join(f"{r[k]:>9.2f}" for k in keys))
+res["wall_seconds"] = wall
+tmp = f"{run}/results.json.tmp"
+json.dump(res, open(tmp, "w"), indent=2)
+os.replace(tmp, f"{run}/results.json")
+print(f"\nwrote {run}/results.json; wall time {wall:.0f} s")
+EOF
+}
+
+# The paper preset on a CPU: a miniature of the released world served by a local stand-in for the hub
+# (rehearsal.py), then paper() itself with only sizes and locations overridden. What it cannot show:
+# CUDA (NCCL, bf16, memory), and a 2-node launch (deepspeed's --hostfile needs ssh between nodes).
+paper_rehearsal() {
+    local DIR=${REHEARSAL_DIR:-$(mktemp -d -t vtg-rehearsal.XXXXXX)}
+    mkdir -p "$DIR"
+    DIR=$(cd "$DIR" && pwd)
+    echo "== rehearsal of 'bash run.sh paper' on the CPU in $DIR"
+    run python rehearsal.py build --out "$DIR/world"
+    rm -f "$DIR/hub.port"
+    python rehearsal.py serve --root "$DIR/world/hub" --port-file "$DIR/hub.port" > "$DIR/hub.log" 2>&1 &
+    local hub_pid=$!
+    trap "kill $hub_pid 2>/dev/null || true" EXIT
+    local i
+    for i in $(seq 100); do [ -f "$DIR/hub.port" ] && break; sleep 0.1; done
+    [ -f "$DIR/hub.port" ] || { echo "the hub stand-in did not start: $(cat "$DIR/hub.log")" >&2; exit 1; }
+    local hub=http://127.0.0.1:$(cat "$DIR/hub.port") port
+    port=$(python -c "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")
+    echo "   hub stand-in at $hub (its Qwen/Qwen2.5-VL-7B-Instruct is a tiny random model)"
+    # Sizes and locations only; every stage command is paper()'s.
+    HF_ENDPOINT=$hub HF_HUB_DISABLE_TELEMETRY=1 DS_ACCELERATOR=cpu REHEARSAL=1 \
+    RUN=$DIR/run VIDEO_ROOT= DOWNLOAD=1 BENCH=$DIR/world/bench HOSTFILE=$DIR/no-hostfile NODES=1 GPUS_PER_NODE=2 \
+    SFT_GPUS=2 NFRAMES=8 MAX_PIXELS=3136 MIN_PIXELS=3136 SFT_BATCH=2 GRPO_PROMPTS=2 GROUP_SIZE=2 GRPO_STEPS=2 \
+    MAX_NEW_TOKENS=24 SAVE_EVERY=1 PRECISION=--no-bf16 MASTER_PORT=$port EVAL_ARGS="--batch-size 4" \
+        paper
+    echo "== rehearsal done: every stage of 'bash run.sh paper' ran on the CPU in $DIR (hub requests: $DIR/world/requests.jsonl)"
 }
 
 setup
@@ -198,6 +274,7 @@ case "${1:-}" in
     test) shift; run python -m pytest -q tests "$@" ;;
     tiny) shift; tiny "$@" ;;
     paper) shift; paper "$@" ;;
+    gpu-check) shift; run python gpu_check.py "$@" ;;
     "") if has_gpu; then paper; else tiny; fi ;;
-    *) echo "usage: bash run.sh [tiny [--fresh] | paper [--dry-run] | test [pytest args]]" >&2; exit 2 ;;
+    *) echo "usage: bash run.sh [tiny [--fresh] | paper [--dry-run | --rehearsal] | gpu-check | test [pytest args]]" >&2; exit 2 ;;
 esac

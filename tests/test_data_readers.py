@@ -1,4 +1,4 @@
-"""Benchmark readers on the REAL annotation files in ../shared/data (counts, spot values, quirks), their
+"""Benchmark readers on the REAL annotation files in assets/ (counts, spot values, quirks), their
 error messages on malformed input, the duration fallbacks, and the `data.py convert` / `synth` CLI."""
 import json
 import subprocess
@@ -7,16 +7,16 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, SHARED
+from conftest import ROOT, ASSETS
 
 import data
 from data import DataError, read_benchmark, read_charades_sta, read_jsonl, read_nextgqa, read_rextime, read_tvg_r1
 
-CHARADES_TXT = SHARED / "charades_sta" / "charades_sta_test.txt"
-CHARADES_JSONL = SHARED / "charades_sta" / "charades_sta_test_taro.jsonl"
-REXTIME_JSON = SHARED / "rextime" / "rextime_val.json"
-REXTIME_JSONL = SHARED / "rextime" / "rextime_val.jsonl"
-NEXTGQA_CSV = SHARED / "nextgqa" / "test.csv"
+CHARADES_TXT = ASSETS / "charades_sta" / "charades_sta_test.txt"
+CHARADES_JSONL = ASSETS / "charades_sta" / "charades_sta_test_taro.jsonl"
+REXTIME_JSON = ASSETS / "rextime" / "rextime_val.json"
+REXTIME_JSONL = ASSETS / "rextime" / "rextime_val.jsonl"
+NEXTGQA_CSV = ASSETS / "nextgqa" / "test.csv"
 
 
 def ids_unique(samples):

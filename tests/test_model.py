@@ -37,7 +37,7 @@ def test_tiny_model_round_trips_and_generates(tiny_model_dir, synth_dir, tmp_pat
 
 def test_meta_info_counts_the_real_7b(capsys):
     import sys
-    from conftest import SHARED
-    sys.argv = ["model.py", "info", "--meta", "--model", str(SHARED / "qwen2_5_vl_7b_config.json")]
+    from conftest import ASSETS
+    sys.argv = ["model.py", "info", "--meta", "--model", str(ASSETS / "qwen2_5_vl_7b_config.json")]
     model.main()
     assert "8,292,166,656 parameters" in capsys.readouterr().out
