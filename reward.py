@@ -2,7 +2,7 @@
 
 Pure functions only: no model, no files, no distributed code. Standard library only.
 
-There are TWO span parsers on purpose:
+There are separate span parsers on purpose:
 
 * `parse_span` is the REWARD parser used during GRPO. It is strict: it reads only the last complete
   `<time>...</time>` block and accepts only a clean pair of non-negative times (`[5.2, 10.4]`,
@@ -16,10 +16,17 @@ There are TWO span parsers on purpose:
   would make our numbers incomparable with the paper, and tightening the reward parser would be
   impossible if both shared code; hence two functions. `official_iou` scores its output as read
   (no clamping, no swapping).
+* `parse_span_taro` replicates TaRO's evaluation (its standalone_eval): the LAST two unsigned numbers
+  anywhere, swapped when reversed. Only for comparing with TaRO's published numbers.
+
+TaRO (grpo.py --taro) adds two pure rewards here: `taro_iou_reward`, its released training IoU reward,
+and `temporal_sensitivity_bonus`, the bonus of a group's rollouts whose answer depends on the frames
+around the ground-truth boundaries.
 """
 
 import math
 import re
+import statistics
 from typing import Optional, Sequence
 
 ANSWER_TAG = "time"  # the paper's prompt and code use <time>, its text says <answer>: see SPEC.md
@@ -185,7 +192,71 @@ def tvg_reward(
 
 
 # ---------------------------------------------------------------------------------------------
-# Official evaluation (replicates the VideoMind / TVG-R1 scorer; do not "fix" it)
+# TaRO's rewards (grpo.py --taro). Released code: github oceanflowlab/TaRO @ 143a234, src/rewards.py
+# and verl/workers/fsdp_workers.py (compute_temporal_log_prob).
+# ---------------------------------------------------------------------------------------------
+
+
+def taro_iou_reward(pred: Optional[Sequence[float]], gt: Sequence, duration: Optional[float]) -> float:
+    """TaRO's training IoU reward: IoU * (1 - |ds| / D) * (1 - |de| / D), ds = pred start - GT start,
+    de = pred end - GT end, D the video's duration: full IoU also needs both boundaries close.
+
+    pred is a parsed span (`parse_span`) or None (unparseable -> 0). gt is one [s, e] or a list of
+    spans: the best product over them. Both spans are clamped to [0, D] first, so |ds|, |de| <= D and
+    the reward lies in [0, 1]. TaRO clips only the GT (start to >= 0, end to <= D) and not the
+    prediction, so there an answer past the end of the video can score below 0 ([0, 3D] against
+    [0, D]: IoU 1/3 times (1 - 2) = -1/3); we clamp the prediction as `tvg_reward` does (the video
+    holds nothing after D). With D None, <= 0 or non-finite (TaRO would raise): plain best IoU."""
+    if pred is None or not all(math.isfinite(float(v)) for v in pred):
+        return 0.0
+    known = duration is not None and math.isfinite(duration) and duration > 0
+    best = 0.0
+    for g in _as_spans(gt):
+        p, g = _clamp(pred, duration), _clamp(g, duration)
+        r = temporal_iou(p, g)
+        if known:
+            r *= (1 - abs(p[0] - g[0]) / duration) * (1 - abs(p[1] - g[1]) / duration)
+        best = max(best, r)
+    return best
+
+
+def temporal_sensitivity_bonus(
+    drops: Sequence[float],
+    ious: Sequence[float],
+    alpha: float = 0.3,
+    iou_min: float = 0.7,
+    margin: float = 0.0,
+) -> list[float]:
+    """TaRO's temporal-sensitivity reward for ONE group (the G rollouts of one prompt): one bonus each.
+
+    drops[i] = d_i, the masked token mean of log pi(y_t | V) - log pi(y_t | V') over rollout i's whole
+    response, V' the video with the frames around the GT boundaries shuffled
+    (data.shuffle_boundary_frames): how much the answer relied on those frames. ious[i] is rollout i's
+    plain IoU. bonus_i = alpha if d_i > mean(d) + margin and ious[i] >= iou_min, else 0 (defaults:
+    TaRO's released alpha 0.3, IoU 0.7, margin 0). Any G >= 1; with G = 1 the mean is the rollout's own
+    drop, so there is never a bonus. A non-finite drop (a NaN log-prob, an empty response) gets no
+    bonus and is left out of the mean. The mean is exact (statistics.mean), so equal drops never earn
+    a bonus from rounding: a float mean of five 0.235 is one ulp below 0.235.
+
+    Where we differ from TaRO's released code:
+    * Per rollout. Their G rollouts share one `extra_info` dict, so every rollout is judged by the
+      LAST rollout's drop; the method (and this function) judges each rollout by its own.
+    * Any G. Their threshold is `diff.view(-1, 8).mean(-1)`: G = 8 hard-coded, and each rank's shard
+      must hold whole groups.
+    * One perturbation per group is the training loop's business, not this function's: all G drops
+      must be measured against the same V' (one shuffle_boundary_frames call per prompt). TaRO
+      shuffles each rollout's video separately, so its group mean compares drops on different videos."""
+    if len(drops) != len(ious):
+        raise ValueError(f"one IoU per drop: got {len(drops)} drops and {len(ious)} IoUs")
+    finite = [float(d) for d in drops if math.isfinite(d)]
+    if not finite:
+        return [0.0] * len(drops)
+    tau = statistics.mean(finite) + margin
+    return [alpha if math.isfinite(d) and d > tau and iou >= iou_min else 0.0 for d, iou in zip(drops, ious)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Official evaluation (replicates the VideoMind / TVG-R1 scorer, and TaRO's; do not "fix" them)
 # ---------------------------------------------------------------------------------------------
 
 _OFFICIAL_NUM_RE = re.compile(r"\d+\.?\d*")  # Unicode \d on purpose: that is what the scorer does
@@ -205,6 +276,17 @@ def _first_tag_on_one_line(text: str) -> Optional[str]:
     return None
 
 
+def first_two_numbers(text: str) -> list[float]:
+    """The scorer's number rule: the first two unsigned numbers (r'\\d+\\.?\\d*') in text, or [0.0, 0.0]
+    if there are fewer than two (its [[]] -> [[0, 0]]; one number fails its IoU -> 0 as well)."""
+    nums = []
+    for m in _OFFICIAL_NUM_RE.finditer(text):
+        nums.append(float(m.group()))
+        if len(nums) == 2:
+            return nums
+    return [0.0, 0.0]
+
+
 def parse_span_official(text: object) -> list[float]:
     """[start, end] as the paper's scorer reads it: the first two unsigned numbers inside the first
     one-line <time>...</time>, or in the whole response if there is none; [0.0, 0.0] if fewer than
@@ -212,13 +294,28 @@ def parse_span_official(text: object) -> list[float]:
     if not isinstance(text, str):
         return [0.0, 0.0]
     content = _first_tag_on_one_line(text)
-    scope = text if content is None else content
-    nums = []
-    for m in _OFFICIAL_NUM_RE.finditer(scope):
-        nums.append(float(m.group()))
-        if len(nums) == 2:
-            return nums
-    return [0.0, 0.0]
+    return first_two_numbers(text if content is None else content)
+
+
+# TaRO's pattern (standalone_eval/evaluate_vtg.py): unlike the VideoMind one, a dot needs a digit after
+# it, so "5." reads 5 and ".5" reads 5 (the same values); "-2" reads 2; "01:05" reads 1 and 5.
+_TARO_NUM_RE = re.compile(r"\d+(?:\.\d+)?")  # Unicode \d, as in their Python code
+
+
+def parse_span_taro(text: object) -> Optional[list[float]]:
+    """[start, end] as TaRO's released evaluation reads it (extract_time in oceanflowlab/TaRO @ 143a234,
+    standalone_eval/evaluate_vtg.py): the LAST two unsigned numbers anywhere in the response, tags or
+    not, swapped when the first is larger. None when there are fewer than two (their [None, None],
+    IoU 0). No clamping; a number too long for a float reads inf and scores 0."""
+    if not isinstance(text, str):
+        return None
+    last_two = []
+    for m in _TARO_NUM_RE.finditer(text):  # keep only the last two: linear time, constant memory
+        last_two = [last_two[-1], m.group()] if last_two else [m.group()]
+    if len(last_two) < 2:
+        return None
+    s, e = float(last_two[0]), float(last_two[1])
+    return [e, s] if s > e else [s, e]
 
 
 def official_iou(pred: Sequence[float], gt_spans: Sequence) -> float:
