@@ -5,32 +5,41 @@
                    --nframes 16 --max-pixels 3136 --min-pixels 3136 --max-new-tokens 64
     # 1 GPU, a real benchmark with the paper's setting (64 frames of at most 128*28*28 px, greedy, 2048 tokens)
     python eval.py --model runs/paper/grpo --format charades_sta \
-                   --data ../shared/data/charades_sta/charades_sta_test.txt --video-root /data/charades/videos \
+                   --data assets/charades_sta/charades_sta_test.txt --video-root /data/charades/videos \
                    --durations /data/charades/durations.json --out runs/paper/eval/charades_sta
     # 8 GPUs: the samples are sharded over the ranks (8x faster) and merged back in file order
     torchrun --nproc_per_node 8 eval.py --model runs/paper/grpo --data test.jsonl --out runs/paper/eval/test
-    # re-score any predictions file (ours, or another model's), with the paper's parser or reward.py's
-    python eval.py score runs/paper/eval/charades_sta/predictions.jsonl [--parse official|strict] [--json]
+    # re-score any predictions file (ours, or another model's), with the paper's parser, reward.py's or TaRO's
+    python eval.py score runs/paper/eval/charades_sta/predictions.jsonl [--parse official|strict|taro] [--json]
     # the best constant span fitted on the train set, scored on the test set (what a blind model gets)
     python eval.py baseline --train runs/tiny/data/train.jsonl --test runs/tiny/data/test.jsonl --out runs/tiny/eval/constant
 
 Outputs in --out: `predictions.jsonl` (one line per sample: id, source, query, response, gt spans,
-duration), `metrics.json` (percent, full precision) and, with --allow-missing, `missing_videos.txt`.
+duration), `metrics.json` (percent, full precision), `cases.png` (like the paper's Figure 3: the best,
+the worst and a few random samples, their frames, true and predicted spans and the start of the
+reasoning; --cases) and, with --allow-missing, `missing_videos.txt`.
 A killed run loses at most one batch: each rank appends to `predictions.rank{R}.jsonl` after every
 batch, and a re-run skips every id already answered. `eval_args.json` records the settings that shape
 the answers; a re-run with other settings into the same --out is refused instead of mixing answers.
 
 Scoring protocols (`--parse`):
-* official (default): the released scorer of the paper (VideoMind's eval_auto.py in the TVG-R1 repo).
-  - source `charades_sta`: the first two unsigned numbers ANYWHERE in the response. The scorer's
-    Charades branch ignores the <time> tag, so numbers written inside <think> win. Reproduced on purpose.
-  - any other source: `reward.parse_span_official` (the first one-line <time>...</time>, else the whole
-    response, then its first two unsigned numbers).
-  - fewer than two numbers -> [0, 0]; the span is scored as read: a reversed span scores 0, nothing
-    is clamped to the video. A `pred: [s, e]` line (no response) is scored as read too.
+* official (default): the released scorer of the paper, VideoMind's eval_auto.py in the TVG-R1 repo as
+  of its commit c818166 (2025-08-05), for every source: `reward.parse_span_official` (the first
+  one-line <time>...</time>, else the whole response, then its first two unsigned numbers).
+  Fewer than two numbers -> [0, 0]; the span is scored as read: a reversed span scores 0, nothing is
+  clamped to the video. A `pred: [s, e]` line (no response) is scored as read too.
+* official-0724: the same scorer as first released (b261460, 2025-07-24). Its `charades_sta` branch
+  took the first two unsigned numbers ANYWHERE in the response, ignoring the <time> tag, so numbers
+  written inside <think> won; c818166 gave Charades-STA the rule of the other sources. Other sources
+  as official.
 * strict: `reward.parse_span`, the GRPO reward's parser; an answer it rejects scores IoU 0. No
-  clamping either, so the two protocols differ only in the parser.
-In both: a sample with several GT spans scores its best IoU; R1@m counts IoU >= m; every sample
+  clamping either, so it differs from official only in the parser.
+* taro: TaRO's released evaluation (oceanflowlab/TaRO @ 143a234, standalone_eval/evaluate_vtg.py):
+  `reward.parse_span_taro`, the LAST two unsigned numbers anywhere in the response, swapped when
+  reversed; fewer than two -> IoU 0. A `pred` line is swapped when reversed too. Its IoU divides by
+  max(ends) - min(starts), equal to the union whenever the spans overlap (else IoU is 0 anyway): the
+  same value up to float rounding.
+In all: a sample with several GT spans scores its best IoU; R1@m counts IoU >= m; every sample
 counts in the denominator. IoP (intersection / predicted length, best over the GT spans; NExT-GQA's
 metric) is reported for the `nextgqa` source, and in the overall row only when every sample is nextgqa.
 
@@ -50,6 +59,7 @@ import datetime
 import json
 import math
 import os
+import random
 import re
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -59,7 +69,9 @@ from pathlib import Path
 import reward
 from data import DataError, read_jsonl, write_jsonl
 
-PARSERS = ("official", "strict")
+PARSERS = ("official", "official-0724", "strict", "taro")  # see "Scoring protocols" above
+PARSE_HELP = ("official: the paper's released scorer (default); official-0724: its first release (Charades-STA: "
+              "the first two numbers anywhere); strict: reward.py's parser; taro: TaRO's (the last two numbers)")
 THRESHOLDS = (0.3, 0.5, 0.7)
 IOP_THRESHOLDS = (0.3, 0.5)  # NExT-GQA reports IoP@0.3, IoP@0.5 and mIoP
 IOP_SOURCES = ("nextgqa",)
@@ -153,33 +165,28 @@ def read_predictions(path: str | Path) -> list[Prediction]:
 # -----------------------------------------------------------------------------
 # Scoring (pure: records in, metrics out; the IoU math and the parsers live in reward.py)
 
-_SCORER_NUM_RE = re.compile(r"\d+\.?\d*")  # the released scorer's pattern (Unicode \d, like it)
-
-
-def official_span(response: str, source: str) -> list[float]:
-    """The span the paper's scorer reads. Its Charades-STA branch takes the first two numbers of the
-    whole response, tags or not; every other benchmark goes through the <time> tag first."""
-    if source == "charades_sta":
-        nums = []
-        for m in _SCORER_NUM_RE.finditer(response):
-            nums.append(float(m.group()))
-            if len(nums) == 2:
-                return nums
-        return [0.0, 0.0]  # the scorer's [[]] -> [[0, 0]] (one number: its IoU fails -> 0 as well)
+def official_span(response: str, source: str, parse: str = "official") -> list[float]:
+    """The span the paper's scorer reads: through the first <time> tag for every source (official,
+    c818166), except Charades-STA under official-0724, whose branch took the first two numbers of the
+    whole response, tags or not (b261460)."""
+    if parse == "official-0724" and source == "charades_sta":
+        return reward.first_two_numbers(response)
     return reward.parse_span_official(response)
 
 
 def predicted_span(p: Prediction, parse: str = "official") -> list[float] | None:
-    """The span that gets scored, or None (strict parser rejected it: IoU 0)."""
+    """The span that gets scored, or None (strict or taro found no span: IoU 0)."""
     if p.response is None:  # a span given directly
-        if parse == "official":
+        if parse in ("official", "official-0724"):
             return p.pred
-        s, e = p.pred  # strict: the same checks parse_span applies to a parsed span
-        ok = math.isfinite(s) and math.isfinite(e) and 0 <= s <= e
+        s, e = p.pred
+        if parse == "taro":  # TaRO swaps a reversed pair
+            return [min(s, e), max(s, e)]
+        ok = math.isfinite(s) and math.isfinite(e) and 0 <= s <= e  # strict: parse_span's checks
         return p.pred if ok else None
-    if parse == "official":
-        return official_span(p.response, p.source)
-    span = reward.parse_span(p.response)
+    if parse in ("official", "official-0724"):
+        return official_span(p.response, p.source, parse)
+    span = reward.parse_span_taro(p.response) if parse == "taro" else reward.parse_span(p.response)
     return None if span is None else list(span)
 
 
@@ -235,8 +242,7 @@ def score_main(argv: list[str]) -> None:
     ap = argparse.ArgumentParser(prog="eval.py score", description="Re-score a predictions file "
                                  "(our predictions.jsonl, or any JSONL/JSON list with gt and response or pred).")
     ap.add_argument("predictions", help="predictions file: JSONL lines (or a JSON list) with gt and response|pred")
-    ap.add_argument("--parse", choices=PARSERS, default="official",
-                    help="official: the paper's scorer (default); strict: reward.py's parser")
+    ap.add_argument("--parse", choices=PARSERS, default="official", help=PARSE_HELP)
     ap.add_argument("--json", action="store_true",
                     help="print the metrics as one JSON line (percent, full precision) instead of a table")
     a = ap.parse_args(argv)
@@ -365,9 +371,41 @@ def run_settings(a) -> dict:
     return d
 
 
+def pick_cases(ious: list[float], n: int, seed: int = 0) -> list[tuple[int, str]]:
+    """(index, why) of the samples cases.png shows: the best IoU, the worst, then random others drawn
+    with a fixed seed (the same picture for the same predictions). Ties go to the earlier sample."""
+    left = list(range(len(ious)))
+    picked = []
+    for why, pick in (("best", max), ("worst", min)):
+        if left and len(picked) < n:
+            i = pick(left, key=ious.__getitem__)
+            picked.append((i, why))
+            left.remove(i)
+    k = max(0, min(n - len(picked), len(left)))
+    return picked + [(i, "random") for i in sorted(random.Random(seed).sample(left, k))]
+
+
+def write_cases(path: Path, samples: list, records: list[dict], a) -> None:
+    """cases.png: the picked samples with existing videos, scored by the parser the metrics used, drawn
+    by predict.py's timeline (the frames the model saw, at their real times)."""
+    import data
+    import predict  # here, not at the top: matplotlib and the plotting stay out of scoring-only use
+    keep = [(s, prediction_from_dict(d, s.id)) for s, d in zip(samples, records) if os.path.isfile(s.video)]
+    spans = [predicted_span(p, a.parse) for _, p in keep]
+    ious = [0.0 if sp is None else reward.official_iou(sp, p.gt) for sp, (_, p) in zip(spans, keep)]
+    rows = []
+    for i, why in pick_cases(ious, a.cases):
+        s, p = keep[i]
+        frames, times, duration = predict.video_strip(data.load_video(s, a.nframes, a.max_pixels, a.min_pixels))
+        rows.append(predict.Row(frames, times, duration, f'{why}, IoU {ious[i]:.2f}: "{s.query}" ({s.id})',
+                                preds=[spans[i]], gt=p.gt, reasoning=predict.reasoning_of(p.response or "")))
+    if rows:
+        predict.plot_timeline(rows, path)
+
+
 def eval_main(argv: list[str]) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 epilog="Re-score a file: python eval.py score FILE [--parse official|strict] [--json]")
+                                 epilog="Re-score a file: python eval.py score FILE [--parse official|strict|taro] [--json]")
     # --- model and data
     ap.add_argument("--model", required=True, help="model directory (save_pretrained) or hub id")
     ap.add_argument("--data", required=True, help="test set: a Sample JSONL, or a raw benchmark file with --format")
@@ -390,8 +428,9 @@ def eval_main(argv: list[str]) -> None:
                     help="auto: bfloat16 on GPU, float32 on CPU")
     ap.add_argument("--workers", type=int, default=4, help="threads decoding the next batch's videos (0: inline)")
     # --- scoring
-    ap.add_argument("--parse", choices=PARSERS, default="official",
-                    help="official: the paper's scorer (default); strict: reward.py's parser")
+    ap.add_argument("--parse", choices=PARSERS, default="official", help=PARSE_HELP)
+    ap.add_argument("--cases", type=int, default=6,
+                    help="samples drawn in cases.png: the best, the worst, the rest at random (seed 0); 0: no picture")
     a = ap.parse_args(argv)
 
     import data
@@ -462,6 +501,8 @@ def eval_main(argv: list[str]) -> None:
     if world > 1:
         # Ranks meet only at the end: a rank can wait there for a slower one's whole shard, hence the timeout.
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=12))
+        from model import check_shared_dir
+        check_shared_dir(str(out), device)  # rank 0 merges every rank's answers from --out: one directory for all
         dist.barrier()  # every rank has read the resume state before any rank writes
     dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32,
              "bfloat16": torch.bfloat16, "float32": torch.float32}[a.dtype]
@@ -516,6 +557,9 @@ def eval_main(argv: list[str]) -> None:
             note += (f"; {len(samples) - len(records)} skipped for missing videos (listed in "
                      f"{out / 'missing_videos.txt'}): the metrics above are over the {len(records)} evaluated")
         print(f"{note}; parse: {a.parse}\nwrote {out / 'predictions.jsonl'} and {out / 'metrics.json'}")
+        if a.cases > 0:
+            write_cases(out / "cases.png", [s for s in samples if s.id in done], records, a)
+            print(f"wrote {out / 'cases.png'}")
     if world > 1:
         dist.destroy_process_group()
 

@@ -11,7 +11,8 @@ import pytest
 
 import data
 import eval as ev
-from conftest import MAX_PIXELS, MIN_PIXELS, NFRAMES, ROOT, SHARED
+import reward
+from conftest import MAX_PIXELS, MIN_PIXELS, NFRAMES, ROOT, ASSETS
 
 FIXTURE = Path(__file__).parent / "fixtures" / "tricky_predictions.jsonl"
 PY = sys.executable
@@ -30,56 +31,87 @@ def approx(d):
 
 # -----------------------------------------------------------------------------
 # The tricky fixture, scored by hand. IoU = intersection / union of [s, e] spans, as read.
+# Protocols: official (the released scorer now: the first one-line <time>..</time>, else the whole
+# response, then its first two numbers), official-0724 (its first release: for charades_sta the first
+# two numbers ANYWHERE), strict (reward.parse_span), taro (the LAST two numbers anywhere, swapped).
 #
-# charades_sta (official: the first two numbers ANYWHERE in the response, the scorer's Charades branch)
-#   c1 "<think>... at 2 s ... at 5 s</think> <time>[20, 30]</time>" vs [20,30]: official reads [2, 5] -> 0;
-#      strict reads the tag [20, 30] -> 1
-#   c2 no tags, "from 3 to 9 seconds" vs [3,12]: official [3, 9] -> 6/9 = 2/3; strict: no tag -> 0
-#   c3 [0, 7] vs [0,10] -> 7/10 = 0.7 exactly (counts at 0.7: R1@m uses >=)
-#   c4 [0, 3] vs [0,10] -> 3/10 = 0.3 exactly (counts at 0.3)
-#   official [0, 2/3, .7, .3]: R1@.3 3/4=75, @.5 2/4=50, @.7 1/4=25, mIoU (2/3+1)/4 = 41.666..
-#   strict   [1, 0, .7, .3]:   R1@.3 3/4=75, @.5 2/4=50, @.7 2/4=50, mIoU 2/4 = 50
-# nextgqa (official: first one-line <time>..</time>, else the whole response). IoP = inter / pred length.
-#   n1 think has 1.5 and 3, tag [4, 6] vs [4,8]: tag wins -> IoU 2/4 = .5, IoP 2/2 = 1 (both parsers)
-#   n2 [10, 14] vs [[0,4],[10,12],[13,20]]: IoUs 0, 2/4, 1/10 -> best .5; IoPs 0, 2/4, 1/4 -> best .5
-#   n3 zero-length [3, 3] vs [2,4]: IoU 0, IoP 0 (no length); strict parses it too -> 0, 0
+# charades_sta                                                                  off 0724 strct taro
+#   c1 "<think>.. at 2 s .. at 5 s</think> <time>[20, 30]</time>" vs [20,30]      1    0    1    1
+#      (0724 reads [2, 5] from <think>)
+#   c2 no tags, "from 3 to 9 seconds" vs [3,12]: [3, 9] -> 6/9 = 2/3            2/3  2/3    0  2/3
+#   c3 [0, 7] vs [0,10] -> 7/10 = 0.7 exactly (counts at 0.7: R1@m uses >=)      .7   .7   .7   .7
+#   c4 [0, 3] vs [0,10] -> 3/10 = 0.3 exactly (counts at 0.3)                    .3   .3   .3   .3
+#   c5 "<think>Seen from 5 to 15 s, seated by 12 s.</think> <time>[10, 18]</time>" vs [10,20]:
+#      the tag [10, 18] -> 8/10; 0724 [5, 15] -> 5/15 = 1/3                      .8  1/3   .8   .8
+#   c6 "<think>.. from 4 s to 8 s .. at 12 s.</think> <time>[20, 12]</time>" vs [12,20]: the tag is
+#      reversed -> 0; 0724 [4, 8] -> 0; taro swaps the last two -> [12, 20]       0    0    0    1
+#   official [1,2/3,.7,.3,.8,0]: @.3 5/6, @.5 4/6, @.7 3/6, mIoU (52/15)/6
+#   0724     [0,2/3,.7,.3,1/3,0]: @.3 4/6, @.5 2/6, @.7 1/6, mIoU 2/6
+#   strict   [1,0,.7,.3,.8,0]:   @.3 4/6, @.5 3/6, @.7 3/6, mIoU 2.8/6
+#   taro     [1,2/3,.7,.3,.8,1]: @.3 6/6, @.5 5/6, @.7 4/6, mIoU (67/15)/6
+# nextgqa (official = 0724: first one-line <time>..</time>, else the whole response). IoP = inter / pred length.
+#   n1 think has 1.5 and 3, tag [4, 6] vs [4,8]: tag (and taro's last two) -> IoU 2/4 = .5, IoP 2/2 = 1 (all)
+#   n2 [10, 14] vs [[0,4],[10,12],[13,20]]: IoUs 0, 2/4, 1/10 -> best .5; IoPs 0, 2/4, 1/4 -> best .5 (all)
+#   n3 zero-length [3, 3] vs [2,4]: IoU 0, IoP 0 (no length), in every protocol
 #   n4 "<think>from 1 to 2</think>\n<time>[2,\n4]</time>" vs [2,6]: the tag spans two lines, so official
 #      reads the whole response -> [1, 2] -> touches [2,6] only -> IoU 0, IoP 0;
-#      strict collapses the newline -> [2, 4] -> IoU 2/4 = .5, IoP 2/2 = 1
+#      strict collapses the newline, taro takes the last two -> [2, 4] -> IoU 2/4 = .5, IoP 2/2 = 1
 #   official IoU [.5,.5,0,0]: R1@.3 50, @.5 50, @.7 0, mIoU 1/4 = 25; IoP [1,.5,0,0]: @.3 50, @.5 50, mIoP 37.5
-#   strict IoU [.5,.5,0,.5]: 75, 75, 0, mIoU 1.5/4 = 37.5;             IoP [1,.5,0,1]: 75, 75, mIoP 62.5
-# rextime (official: like nextgqa)
-#   r1 reversed [8, 2] vs [2,8]: official reads it as is -> no extent -> 0; strict rejects -> 0
-#   r2 [5, 20] past the 10 s video vs [5,10]: no clamping -> 5/15 = 1/3 (both)
-#   r3 `pred: [0, 5]` (no response) vs [0,10] -> .5 exactly (both)
-#   r4 [0, 5] vs the zero-length GT [0,0] -> intersection 0 -> 0 (both)
-#   r5 "[-2, 4]" vs [0,4]: official numbers are unsigned -> [2, 4] -> 2/4 = .5; strict rejects -> 0
-#   r6 "I cannot tell." -> official [0, 0] -> 0; strict None -> 0
-#   official [0,1/3,.5,0,.5,0]: R1@.3 3/6=50, @.5 2/6=33.33, @.7 0, mIoU (4/3)/6 = 22.22
-#   strict   [0,1/3,.5,0,0,0]:  R1@.3 2/6=33.33, @.5 1/6=16.67, @.7 0, mIoU (5/6)/6 = 13.89
-# overall, n = 14 (no IoP: not every sample is nextgqa)
-#   official: >=.3: 3+2+3 = 8, >=.5: 2+2+2 = 6, >=.7: 1, sum of IoUs 5/3 + 1 + 4/3 = 4
-#   strict:   >=.3: 3+3+2 = 8, >=.5: 2+3+1 = 6, >=.7: 2, sum 2 + 1.5 + 5/6 = 13/3
+#   strict, taro IoU [.5,.5,0,.5]: 75, 75, 0, mIoU 1.5/4 = 37.5;       IoP [1,.5,0,1]: 75, 75, mIoP 62.5
+# rextime (official = 0724: like nextgqa)                                       off 0724 strct taro
+#   r1 reversed [8, 2] vs [2,8]: as read no extent; strict rejects; taro swaps    0    0    0    1
+#   r2 [5, 20] past the 10 s video vs [5,10]: no clamping -> 5/15 = 1/3         1/3  1/3  1/3  1/3
+#   r3 `pred: [0, 5]` (no response) vs [0,10] -> .5 exactly                      .5   .5   .5   .5
+#   r4 [0, 5] vs the zero-length GT [0,0] -> intersection 0 -> 0                  0    0    0    0
+#   r5 "[-2, 4]" vs [0,4]: unsigned numbers -> [2, 4] -> 2/4; strict rejects     .5   .5    0   .5
+#   r6 "I cannot tell." -> [0, 0] / None -> 0                                     0    0    0    0
+#   r7 "<think>Between 1.5 and 7.5 s.</think> <time>[2, 4]</time> Roughly 3 s long." vs [2,6]: the tag
+#      [2, 4] -> 2/4; taro's last two [4, 3] -> [3, 4] -> 1/4                    .5   .5   .5  .25
+#   official, 0724 [0,1/3,.5,0,.5,0,.5]: @.3 4/7, @.5 3/7, @.7 0, mIoU (11/6)/7
+#   strict         [0,1/3,.5,0,0,0,.5]:  @.3 3/7, @.5 2/7, @.7 0, mIoU (4/3)/7
+#   taro           [1,1/3,.5,0,.5,0,.25]: @.3 4/7, @.5 3/7, @.7 1/7, mIoU (31/12)/7
+# overall, n = 17 (no IoP: not every sample is nextgqa)
+#   official: >=.3: 5+2+4 = 11, >=.5: 4+2+3 = 9, >=.7: 3, sum of IoUs 52/15 + 1 + 11/6 = 6.3
+#   0724:     >=.3: 4+2+4 = 10, >=.5: 2+2+3 = 7, >=.7: 1, sum 2 + 1 + 11/6 = 29/6
+#   strict:   >=.3: 4+3+3 = 10, >=.5: 3+3+2 = 8, >=.7: 3, sum 2.8 + 1.5 + 4/3 = 169/30
+#   taro:     >=.3: 6+3+4 = 13, >=.5: 5+3+3 = 11, >=.7: 4+0+1 = 5, sum 67/15 + 1.5 + 31/12 = 8.55
 
+NEXTGQA_AS_READ = {"R1@0.3": 50.0, "R1@0.5": 50.0, "R1@0.7": 0.0, "mIoU": 25.0, "n": 4,
+                   "IoP@0.3": 50.0, "IoP@0.5": 50.0, "mIoP": 37.5}
+NEXTGQA_TWO_LINE_TAG_READ = {"R1@0.3": 75.0, "R1@0.5": 75.0, "R1@0.7": 0.0, "mIoU": 37.5, "n": 4,
+                             "IoP@0.3": 75.0, "IoP@0.5": 75.0, "mIoP": 62.5}
+REXTIME_OFFICIAL = {"R1@0.3": 400 / 7, "R1@0.5": 300 / 7, "R1@0.7": 0.0, "mIoU": 100 * (11 / 6) / 7, "n": 7}
 EXPECTED = {
     "official": {
-        "overall": {"R1@0.3": 800 / 14, "R1@0.5": 600 / 14, "R1@0.7": 100 / 14, "mIoU": 400 / 14, "n": 14},
-        "charades_sta": {"R1@0.3": 75.0, "R1@0.5": 50.0, "R1@0.7": 25.0, "mIoU": 100 * (5 / 3) / 4, "n": 4},
-        "nextgqa": {"R1@0.3": 50.0, "R1@0.5": 50.0, "R1@0.7": 0.0, "mIoU": 25.0, "n": 4,
-                    "IoP@0.3": 50.0, "IoP@0.5": 50.0, "mIoP": 37.5},
-        "rextime": {"R1@0.3": 50.0, "R1@0.5": 100 * 2 / 6, "R1@0.7": 0.0, "mIoU": 100 * (4 / 3) / 6, "n": 6},
+        "overall": {"R1@0.3": 1100 / 17, "R1@0.5": 900 / 17, "R1@0.7": 300 / 17, "mIoU": 630 / 17, "n": 17},
+        "charades_sta": {"R1@0.3": 500 / 6, "R1@0.5": 400 / 6, "R1@0.7": 50.0, "mIoU": 100 * (52 / 15) / 6, "n": 6},
+        "nextgqa": NEXTGQA_AS_READ,
+        "rextime": REXTIME_OFFICIAL,
+    },
+    "official-0724": {
+        "overall": {"R1@0.3": 1000 / 17, "R1@0.5": 700 / 17, "R1@0.7": 100 / 17, "mIoU": 100 * (29 / 6) / 17,
+                    "n": 17},
+        "charades_sta": {"R1@0.3": 400 / 6, "R1@0.5": 200 / 6, "R1@0.7": 100 / 6, "mIoU": 200 / 6, "n": 6},
+        "nextgqa": NEXTGQA_AS_READ,
+        "rextime": REXTIME_OFFICIAL,
     },
     "strict": {
-        "overall": {"R1@0.3": 800 / 14, "R1@0.5": 600 / 14, "R1@0.7": 200 / 14, "mIoU": 100 * (13 / 3) / 14, "n": 14},
-        "charades_sta": {"R1@0.3": 75.0, "R1@0.5": 50.0, "R1@0.7": 50.0, "mIoU": 50.0, "n": 4},
-        "nextgqa": {"R1@0.3": 75.0, "R1@0.5": 75.0, "R1@0.7": 0.0, "mIoU": 37.5, "n": 4,
-                    "IoP@0.3": 75.0, "IoP@0.5": 75.0, "mIoP": 62.5},
-        "rextime": {"R1@0.3": 100 * 2 / 6, "R1@0.5": 100 / 6, "R1@0.7": 0.0, "mIoU": 100 * (5 / 6) / 6, "n": 6},
+        "overall": {"R1@0.3": 1000 / 17, "R1@0.5": 800 / 17, "R1@0.7": 300 / 17, "mIoU": 100 * (169 / 30) / 17,
+                    "n": 17},
+        "charades_sta": {"R1@0.3": 400 / 6, "R1@0.5": 50.0, "R1@0.7": 50.0, "mIoU": 280 / 6, "n": 6},
+        "nextgqa": NEXTGQA_TWO_LINE_TAG_READ,
+        "rextime": {"R1@0.3": 300 / 7, "R1@0.5": 200 / 7, "R1@0.7": 0.0, "mIoU": 100 * (4 / 3) / 7, "n": 7},
+    },
+    "taro": {
+        "overall": {"R1@0.3": 1300 / 17, "R1@0.5": 1100 / 17, "R1@0.7": 500 / 17, "mIoU": 855 / 17, "n": 17},
+        "charades_sta": {"R1@0.3": 100.0, "R1@0.5": 500 / 6, "R1@0.7": 400 / 6, "mIoU": 100 * (67 / 15) / 6, "n": 6},
+        "nextgqa": NEXTGQA_TWO_LINE_TAG_READ,
+        "rextime": {"R1@0.3": 400 / 7, "R1@0.5": 300 / 7, "R1@0.7": 100 / 7, "mIoU": 100 * (31 / 12) / 7, "n": 7},
     },
 }
 
 
-@pytest.mark.parametrize("parse", ["official", "strict"])
+@pytest.mark.parametrize("parse", ["official", "official-0724", "strict", "taro"])
 def test_tricky_fixture_hand_checked(parse):
     m = ev.score_predictions(ev.read_predictions(FIXTURE), parse)
     want = EXPECTED[parse]
@@ -88,7 +120,6 @@ def test_tricky_fixture_hand_checked(parse):
     assert set(m["per_source"]) == {"charades_sta", "nextgqa", "rextime"}
     for src in m["per_source"]:
         assert m["per_source"][src] == approx(want[src]), src
-
 
 def test_exact_threshold_counts():
     # IoU exactly 0.3 / 0.5 / 0.7 counts at that threshold (>=), with nothing above it.
@@ -99,15 +130,17 @@ def test_exact_threshold_counts():
 
 # -----------------------------------------------------------------------------
 # Against the released scorer: VideoMind's eval_auto.py as shipped in TVG-R1 (grounding part),
-# transcribed with its float32 torch math (nncore.ops.temporal_iou / temporal_iof).
+# transcribed with its float32 torch math (nncore.ops.temporal_iou / temporal_iof). Two releases:
+# b261460 (2025-07-24) read Charades-STA's first two numbers anywhere; c818166 (2025-08-05) reads
+# them inside the first <time>...</time> and falls back to the whole response, like the other sources.
 
 
-def released_scorer(lines):
+def released_scorer(lines, charades_anywhere=False):
     import torch
     ious, iops = [], []
     for d in lines:
         if "response" in d:
-            if d["source"] == "charades_sta":
+            if d["source"] == "charades_sta" and charades_anywhere:  # b261460 only
                 nums = re.findall(r"\d+\.?\d*", d["response"])
             else:
                 try:
@@ -137,13 +170,41 @@ def released_scorer(lines):
     return out
 
 
+def taro_released_scorer(lines):
+    """TaRO's standalone_eval/evaluate_vtg.py (extract_time, calculate_iou, aggregate_and_calculate) at
+    143a234, transcribed. Its files have no `pred` lines; here they get the same swap."""
+    ious = []
+    for d in lines:
+        if "response" in d:
+            numbers = [float(x) for x in re.findall(r"\d+(?:\.\d+)?", d["response"])]
+            pred = numbers[-2:] if len(numbers) >= 2 else [None, None]
+        else:
+            pred = list(d["pred"])
+        if pred[0] is not None and pred[0] > pred[1]:
+            pred = [pred[1], pred[0]]
+        best = 0
+        for gs, ge in d["gt"]:
+            iou = 0.0
+            if pred[0] is not None:
+                inter = max(0, min(ge, pred[1]) - max(gs, pred[0]))
+                union = max(ge, pred[1]) - min(gs, pred[0])
+                iou = 0.0 if union == 0 else inter / union
+            best = max(best, iou)
+        ious.append(best)
+    n = len(ious)
+    out = {f"R1@{m:g}": 100 * sum(v >= m for v in ious) / n for m in (0.3, 0.5, 0.7)}
+    out["mIoU"] = 100 * sum(ious) / n
+    return out
+
+
 def random_lines(n, seed=0):
-    """Responses in every shape the parsers meet, with whole-second times (exact in float32 too)."""
+    """Responses in every shape the parsers meet, with times in quarter seconds (exact in float32 too)."""
     rng = random.Random(seed)
     shapes = ["<think>{a} to {b}</think> <time>[{c}, {d}]</time>", "<time>[{c}, {d}]</time>", "from {c} to {d} s",
               "<time>{c}</time>", "<think>x</think>\n<time>[{c},\n{d}]</time>", "no idea",
               "<time>[{c}, {d}]</time> then <time>[{a}, {b}]</time>", "<time>[{c} - {d}]</time> ({a})",
-              "<think>{a}</think><time>[{c}, {d}]</time>"]
+              "<think>{a}</think><time>[{c}, {d}]</time>", "<think>at {a}.5 s, not -{b}</think> <time>[{c}.25, {d}.75]</time>",
+              "<time>{d}.5 to {c}.</time>"]
     lines = []
     for i in range(n):
         t = [rng.randint(0, 30) for _ in range(4)]
@@ -157,19 +218,62 @@ def random_lines(n, seed=0):
     return lines
 
 
-def test_same_numbers_as_the_released_scorer():
+@pytest.mark.parametrize("parse, charades_anywhere", [("official", False), ("official-0724", True)])
+def test_same_numbers_as_the_released_scorer(parse, charades_anywhere):
     lines = [json.loads(x) for x in FIXTURE.read_text().splitlines()] + random_lines(400)
-    ref = released_scorer(lines)
+    ref = released_scorer(lines, charades_anywhere)
     recs = [ev.prediction_from_dict(d, f"line {i}") for i, d in enumerate(lines)]
-    ours = ev.score_predictions(recs)["overall"]
+    ours = ev.score_predictions(recs, parse)["overall"]
     for k in ("R1@0.3", "R1@0.5", "R1@0.7", "mIoU"):
         assert ours[k] == pytest.approx(ref[k], abs=1e-4), k
     # IoP over the whole set (the scorer computes it for every sample; we report it for nextgqa only)
     nx = [d for d in lines if d["source"] == "nextgqa"]
-    ref_nx = released_scorer(nx)
-    ours_nx = ev.score_predictions([ev.prediction_from_dict(d, "x") for d in nx])["per_source"]["nextgqa"]
+    ref_nx = released_scorer(nx, charades_anywhere)
+    ours_nx = ev.score_predictions([ev.prediction_from_dict(d, "x") for d in nx], parse)["per_source"]["nextgqa"]
     for k in ("IoP@0.3", "IoP@0.5", "mIoP", "R1@0.5"):
         assert ours_nx[k] == pytest.approx(ref_nx[k], abs=1e-4), k
+
+
+def test_the_two_releases_differ_only_on_charades():
+    lines = [json.loads(x) for x in FIXTURE.read_text().splitlines()] + random_lines(400)
+    new, old = released_scorer(lines), released_scorer(lines, charades_anywhere=True)
+    assert new["mIoU"] != old["mIoU"]  # the fixture's c1, c5 and the random lines tell them apart
+    other = [d for d in lines if d["source"] != "charades_sta"]
+    assert released_scorer(other) == released_scorer(other, charades_anywhere=True)
+
+
+def test_same_numbers_as_taros_released_scorer():
+    lines = [json.loads(x) for x in FIXTURE.read_text().splitlines()] + random_lines(400)
+    ref = taro_released_scorer(lines)
+    ours = ev.score_predictions([ev.prediction_from_dict(d, f"line {i}") for i, d in enumerate(lines)], "taro")
+    for k in ("R1@0.3", "R1@0.5", "R1@0.7", "mIoU"):
+        assert ours["overall"][k] == pytest.approx(ref[k], abs=1e-9), k
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("<think>x</think> <answer>\n8.50s to 12.40s\n</answer>", [8.5, 12.4]),  # TaRO's own answer format
+    ("<think>at 2 and 5</think> <time>[20, 30]</time>", [20.0, 30.0]),  # the last two, tag or not
+    ("from 3 to 9 seconds", [3.0, 9.0]),
+    ("a 1 b 2 c 3", [2.0, 3.0]),
+    ("<time>[12, 4]</time>", [4.0, 12.0]),  # reversed: swapped
+    ("<time>[3, 3]</time>", [3.0, 3.0]),
+    ("<time>[-2, 4]</time>", [2.0, 4.0]),  # unsigned: the '-' is not part of the number
+    ("<time>[-4, -2]</time>", [2.0, 4.0]),  # ... and then swapped
+    ("1.25 to 3.5", [1.25, 3.5]),
+    ("5. to 7.", [5.0, 7.0]),  # a dot needs a digit after it
+    (".5 to .75", [5.0, 75.0]),  # ... and one before it
+    ("1.2.3", [1.2, 3.0]),
+    ("01:05 - 01:10", [1.0, 10.0]),  # no clock times: four numbers, the last two win
+    ("1e5 then 2", [2.0, 5.0]),  # no exponents: 1, 5, 2
+    ("１２ to ３４", [12.0, 34.0]),  # Unicode digits, as Python's \d
+    ("<time>7</time>", None),  # fewer than two numbers
+    ("no numbers", None),
+    ("", None),
+    (None, None),
+])
+def test_taro_parser(text, expected):
+    out = reward.parse_span_taro(text)
+    assert out == expected and (out is None or all(type(v) is float for v in out))
 
 
 # -----------------------------------------------------------------------------
@@ -181,10 +285,11 @@ def test_score_cli_json_and_table():
     want = EXPECTED["official"]
     assert {k: out[k] for k in want["overall"]} == approx(want["overall"])
     assert out["per_source"]["nextgqa"] == approx(want["nextgqa"])
-    strict = json.loads(run("eval.py", "score", str(FIXTURE), "--json", "--parse", "strict").stdout)
-    assert strict["R1@0.7"] == pytest.approx(200 / 14) and strict["parse"] == "strict"
+    for parse in ("strict", "taro", "official-0724"):
+        out = json.loads(run("eval.py", "score", str(FIXTURE), "--json", "--parse", parse).stdout)
+        assert out["R1@0.7"] == pytest.approx(EXPECTED[parse]["overall"]["R1@0.7"]) and out["parse"] == parse
     table = run("eval.py", "score", str(FIXTURE)).stdout
-    assert re.search(r"^overall\s+14\s+57\.14\s+42\.86\s+7\.14\s+28\.57$", table, re.M), table
+    assert re.search(r"^overall\s+17\s+64\.71\s+52\.94\s+17\.65\s+37\.06$", table, re.M), table
     assert re.search(r"^nextgqa\s+4\s+50\.00\s+50\.00\s+37\.50$", table, re.M), table  # the IoP table
 
 
@@ -309,11 +414,11 @@ def test_two_process_shards_give_the_same_predictions(one_process, tiny_model_di
 def test_real_benchmark_files_go_through_the_readers(tmp_path):
     # The real annotation files, no videos here: the run lists them and refuses before loading a model.
     p = run("eval.py", "--model", str(tmp_path / "no_model"), "--format", "charades_sta", "--data",
-            str(SHARED / "charades_sta" / "charades_sta_test.txt"), "--video-root", str(tmp_path / "videos"),
+            str(ASSETS / "charades_sta" / "charades_sta_test.txt"), "--video-root", str(tmp_path / "videos"),
             "--limit", "5", "--out", str(tmp_path / "o"), check=False)
     assert p.returncode == 2
     assert "5 of 5 videos are missing" in p.stderr and "charades_0" in p.stderr and "3MSZA.mp4" in p.stderr
-    p = run("eval.py", "--model", "m", "--format", "nextgqa", "--data", str(SHARED / "nextgqa" / "test.csv"),
+    p = run("eval.py", "--model", "m", "--format", "nextgqa", "--data", str(ASSETS / "nextgqa" / "test.csv"),
             "--durations", "d.json", "--out", str(tmp_path / "o"), check=False)
     assert p.returncode == 2 and "--durations is for charades_sta" in p.stderr
 
@@ -334,3 +439,28 @@ def test_constant_baseline_picks_the_best_span_on_train(tmp_path):
     assert m["train_mIoU"] == pytest.approx(100 * 2.5 / 3)
     assert m["overall"]["mIoU"] == pytest.approx(75.0) and m["overall"]["R1@0.5"] == pytest.approx(100.0)
     assert m["overall"]["R1@0.7"] == pytest.approx(50.0)
+
+
+# -----------------------------------------------------------------------------
+# cases.png (the paper's Figure 3): which samples, and the picture the real run writes
+
+
+def test_pick_cases_best_worst_then_seeded_random():
+    ious = [0.5, 0.9, 0.1, 0.9, 0.1, 0.3, 0.7]
+    got = ev.pick_cases(ious, 4)
+    assert got[:2] == [(1, "best"), (2, "worst")]  # ties go to the earlier sample
+    assert [why for _, why in got[2:]] == ["random", "random"] and len({i for i, _ in got}) == 4
+    assert ev.pick_cases(ious, 4) == got  # a fixed seed: the same picture for the same predictions
+    assert len({tuple(ev.pick_cases(ious, 4, seed)) for seed in range(10)}) > 1  # the others are drawn
+    assert sorted(i for i, _ in ev.pick_cases(ious, 99)) == list(range(7))  # more than there are: each once
+    assert ev.pick_cases(ious, 1) == [(1, "best")] and ev.pick_cases(ious, 0) == [] and ev.pick_cases([], 6) == []
+    assert ev.pick_cases([0.0, 0.0], 6) == [(0, "best"), (1, "worst")]  # all equal: still two samples
+
+
+def test_eval_writes_cases_png(one_process):
+    from PIL import Image
+    out, p = one_process
+    assert f"wrote {out / 'cases.png'}" in p.stdout
+    with Image.open(out / "cases.png") as im:  # the 6 answered samples (--cases 6), a row of 1.9 in at 80 dpi each
+        assert im.format == "PNG" and im.size == (800, 6 * 152)
+        assert len(im.convert("RGB").getcolors(1 << 16) or []) > 50  # frames drawn, not a blank page
