@@ -46,14 +46,34 @@ Where we are explicit about choices the paper's formula leaves open (or where we
 
 What is shared across the G samples of a prompt (STACK.md, measured; `bench.py` times it): the video
 is decoded and run through the vision encoder ONCE per prompt, the prompt is prefilled once and its KV
-cache repeated G times for generation, and the training forward encodes the video once (with gradient) and reuses the
-features for the G sequences. Rollout, loss forward and eval all build their
-inputs with `data.build_inputs` (real `second_per_grid_ts`, `mm_token_type_ids` in every forward).
+cache repeated G times for generation, and the training forward runs the prompt (video included) ONCE
+per group, forward and backward, in one packed row (--update packed, the default; model.py builds it):
+
+    input_ids   [ prompt (Lp) | c_1 (n_1) | c_2 (n_2) | ... | c_G (n_G) ]    (1, T), T = Lp + sum n_i
+    positions   prompt: its own 3-D ids (3, Lp); c_i: prompt's last + 1 + (0 .. n_i - 1), as in [prompt; c_i]
+    attention   causal, and c_i sees the prompt and itself, never c_j: two SDPA calls, the prompt's
+                (Lp x Lp, causal) and the completions' as a batch (G, C) x (Lp + C), C = max n_i
+    log-probs   token 0 of every c_i from the prompt's last state, token j from c_i's state j - 1   (N = sum n_i)
+
+The forward returns hidden states, not logits; lm_head and the log-softmax run over the N predicting
+states in chunks (model.token_logprobs), so (G, Lc, V) float32 logits never exist. pi_old, pi_ref and
+pi take this same path. --update plain runs G rows [prompt; c_i] instead (the video still encoded once),
+the same numbers at ~G times the prompt's cost; --update-chunk k splits a group into forwards of k.
+Rollout, loss forward and eval all build their inputs with `data.build_inputs` (real `second_per_grid_ts`).
 Known cost at scale: under ZeRO-3 HF `generate` gathers each layer's weights for every new token;
---gather-for-rollout gathers them once per rollout instead (needs the full bf16 weights per GPU).
+--gather-for-rollout gathers them once per rollout instead, with the ZeRO-3 hooks off while it runs
+(needs the full bf16 weights per GPU: 15.4 GiB for the 7B).
 
 Outputs in --out: checkpoint-STEP/ (HF weights + resume state), model/ (final HF weights),
 metrics.jsonl (one line per step), rollouts.jsonl (a few sampled answers per step), curves.png.
+On several nodes --out must be a directory every node shares (NFS, Lustre...): rank 0 writes the
+checkpoints and every rank reads them on resume. Each run checks it at start and stops every rank
+with a message naming the node that does not see it (model.check_shared_dir).
+
+A video that does not decode mid-run (found before training by `prepare.py check`, so rare: a disk
+error) stops every rank at once, with the sample named, before the step's first collective, so no
+rank waits for a NCCL timeout; with --skip-bad its prompt is replaced by the next sample whose video
+decodes (deterministic, so a resumed run does the same), logged and counted (`skipped_videos`).
 """
 from __future__ import annotations
 
@@ -71,9 +91,9 @@ from dataclasses import dataclass
 import torch
 
 import data
-from model import (dist_env, ds_config, freeze_vision, init_distributed, latest_checkpoint, load_checkpoint,
-                   keep_steps_upto, load_for_training, load_processor, print0, save_checkpoint, save_hf,
-                   suppress_ids)
+from model import (check_shared_dir, completion_logprobs, dist_env, ds_config, freeze_vision, init_distributed,
+                   keep_steps_upto, latest_checkpoint, load_checkpoint, load_for_training, load_processor, print0,
+                   save_checkpoint, save_hf, suppress_ids, use_prefix_attention)
 import reward
 
 # -----------------------------------------------------------------------------
@@ -91,6 +111,30 @@ def group_advantages(rewards: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return (rewards - mean) / (std + eps)
 
 
+def guided_advantages(adv: torch.Tensor, guided: torch.Tensor) -> torch.Tensor:
+    """TaRO: (P, G) advantages and a (P, G) bool mask of guided rollouts (continued from a caption
+    prefix, data.guided_prefix) -> the advantages with max(A, 0) for the guided ones. A guided rollout
+    is off-policy: it may pull the policy toward a good answer it was led to, never push it away from a
+    bad one it did not choose (TaRO's off_policy_mode=mask). The group's mean and std, taken before
+    this, include the guided rollouts, as in TaRO."""
+    return torch.where(guided, adv.clamp(min=0), adv)
+
+
+def guided_probability(step: int, guided_steps: int, p0: float = 1.0) -> float:
+    """TaRO's progressive curriculum: the probability that a rollout at `step` (1-based) is guided.
+    Linear from p0 at step 1 to 0 at step `guided_steps`, 0 after; guided_steps = 0: never guided;
+    guided_steps = 1: p0 at step 1 only (a one-step schedule has no room to decay).
+
+    The method describes a smooth move from guided to autonomous rollouts. TaRO's released scripts run
+    a hard switch instead: every rollout guided for the whole first epoch, none after
+    (p = max(0, 1 - step / steps_per_epoch) exists behind `enable_linear_warmup`, left off)."""
+    if guided_steps <= 0 or step > guided_steps:
+        return 0.0
+    if guided_steps == 1:
+        return p0
+    return p0 * min(1.0, (guided_steps - step) / (guided_steps - 1))
+
+
 def completion_mask(ids: torch.Tensor, eos_ids, pad_id: int) -> torch.Tensor:
     """(B, L) generated ids -> (B, L) float mask: 1 up to and including the first EOS, 0 after it.
     `eos_ids` is one id or a list (Qwen2.5-VL-Instruct stops on <|im_end|> and <|endoftext|>).
@@ -101,13 +145,16 @@ def completion_mask(ids: torch.Tensor, eos_ids, pad_id: int) -> torch.Tensor:
 
 
 def grpo_loss(logp, old_logp, adv, mask, clip_eps=0.2, clip_eps_high=None, ref_logp=None, beta=0.0,
-              entropy=None, entropy_coef=0.0, n_tokens=None):
+              entropy=None, entropy_coef=0.0, n_tokens=None, guided=None):
     """The GRPO objective, negated, token-level: sum over masked tokens / n_tokens.
 
     logp, old_logp, ref_logp, entropy, mask: (B, T); adv: (B, 1) or (B, T). n_tokens is the number of
     completion tokens the mean is over (default: mask.sum(); the training loop passes the mini-batch's
-    count so micro-batches and ranks add up to one token mean). Returns (loss, stats) with stats the
-    masked means of clip fraction, ratio, kl and entropy (plain floats, for logging)."""
+    count so micro-batches and ranks add up to one token mean). guided: None, or a (B,) / (B, 1) bool
+    mask of TaRO's guided rows, whose loss is -A * logp: no ratio and no clip (their prefix was not
+    sampled from pi_old, so pi / pi_old is no importance weight for them); KL and entropy apply as to
+    any row. Returns (loss, stats) with stats the masked means of clip fraction, ratio, kl, entropy
+    and, with `guided`, the guided token fraction (plain floats, for logging)."""
     hi = clip_eps if clip_eps_high is None else clip_eps_high
     n = mask.sum() if n_tokens is None else torch.as_tensor(n_tokens, dtype=logp.dtype)
     n = n.clamp(min=1)
@@ -115,9 +162,15 @@ def grpo_loss(logp, old_logp, adv, mask, clip_eps=0.2, clip_eps_high=None, ref_l
     per_token = -torch.min(ratio * adv, ratio.clamp(1 - clip_eps, 1 + hi) * adv)
     # tokens whose gradient the clip removes: ratio beyond the bound in the direction A pushes it
     clipped = ((ratio < 1 - clip_eps) & (adv < 0)) | ((ratio > 1 + hi) & (adv > 0))
+    if guided is not None:
+        guided = guided.reshape(-1, 1).bool()  # (B, 1): a whole response is guided or not
+        per_token = torch.where(guided, -adv * logp, per_token)
+        clipped = clipped & ~guided
     m = mask.sum().clamp(min=1).item()
     avg = lambda x: (x.detach().float() * mask).sum().item() / m  # noqa: E731  masked mean, for the logs
     stats = {"clip_frac": avg(clipped), "ratio": avg(ratio)}
+    if guided is not None:
+        stats["guided_frac"] = avg(guided)
     if beta > 0:
         d = ref_logp - logp
         kl = torch.exp(d) - d - 1  # k3: unbiased for KL(pi || ref) under samples of pi, always >= 0
@@ -206,17 +259,26 @@ def parse_args(argv=None):
     p.add_argument("--zero-stage", type=int, default=0, choices=[0, 1, 2, 3], help="DeepSpeed ZeRO stage")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None, help="bf16 (default: on a GPU)")
     p.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing in the update")
+    p.add_argument("--update", choices=["packed", "plain"], default="packed", help="training forward of a group: "
+                   "packed, one row [prompt; c_1 ... c_G]; plain, G rows [prompt; c_i] (for comparison)")
+    p.add_argument("--update-chunk", type=int, default=0, help="completions per training forward (the prompt "
+                   "is repeated once per forward; gradients add up); 0: the whole group")
     p.add_argument("--gather-for-rollout", action="store_true", help="ZeRO-3: gather all weights once per rollout")
     p.add_argument("--local_rank", "--local-rank", type=int, default=-1, help="set by the deepspeed launcher")
     # checkpoints and logs
     p.add_argument("--save-every", type=int, default=50, help="checkpoint every N steps (and at the last step)")
     p.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint in --out")
     p.add_argument("--log-rollouts", type=int, default=2, help="sampled answers per step written to rollouts.jsonl")
+    p.add_argument("--skip-bad", action="store_true", help="replace a prompt whose video does not decode by the "
+                   "next readable sample (logged and counted) instead of stopping every rank")
     p.add_argument("--seed", type=int, default=0, help="seed of the data order and of sampling (plus the rank)")
     p.add_argument("--dry-run", action="store_true", help="check the flags and the batch arithmetic for "
                    "--world-size ranks, print the DeepSpeed config, load nothing, exit")
     p.add_argument("--world-size", type=int, default=None, help="with --dry-run: the planned number of ranks")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.update_chunk < 0:
+        p.error("--update-chunk must be >= 0")
+    return args
 
 
 # -----------------------------------------------------------------------------
@@ -254,31 +316,13 @@ def generate_shared(model, batch, G: int, gen_kwargs: dict) -> torch.Tensor:
 
 
 def sequence_logprobs(model, prompt: dict, ids, mask, temperature: float, suppress=None, with_entropy=False,
-                      forward=None):
-    """Per-token log-probs (G, Lc) of G completions of ONE prompt, in one forward over prompt +
-    completion. The video is encoded once and its features reused for the G rows (with gradient).
-    `suppress`: the ids generate never samples, removed here too so that pi is exactly the sampling
-    distribution. `forward` runs the LM (the DeepSpeed engine when training; default: the model)."""
-    G, Lc = ids.shape
-    feats = model.get_video_features(prompt["pixel_values_videos"], prompt["video_grid_thw"]).pooler_output
-    from transformers.modeling_outputs import BaseModelOutputWithPooling
-    video = BaseModelOutputWithPooling(pooler_output=tuple(feats) * G)  # G references, one encode
-    Lp = prompt["input_ids"].shape[1]
-    out = (forward or model)(
-        input_ids=torch.cat([prompt["input_ids"].expand(G, -1), ids], 1),
-        attention_mask=torch.cat([torch.ones(G, Lp, dtype=torch.long, device=ids.device), mask.long()], 1),
-        mm_token_type_ids=torch.cat([prompt["mm_token_type_ids"].expand(G, -1), torch.zeros_like(ids)], 1),
-        video_grid_thw=prompt["video_grid_thw"].repeat(G, 1), second_per_grid_ts=prompt["second_per_grid_ts"].repeat(G),
-        mm_encoder_outputs={"video": video}, logits_to_keep=Lc + 1, use_cache=False)
-    logits = out.logits[:, :-1].float() / temperature  # (G, Lc, V): position t predicts completion token t
-    if suppress:
-        logits[..., suppress] = float("-inf")
-    logp_all = logits.log_softmax(-1)
-    logp = logp_all.gather(-1, ids[..., None]).squeeze(-1)
-    entropy = None
-    if with_entropy:  # suppressed tokens have p = 0 and logp = -inf: 0 * -inf would be NaN
-        entropy = -(logp_all.exp() * logp_all.where(logp_all.isfinite(), 0.0)).sum(-1)
-    return logp, entropy
+                      forward=None, packed=True):
+    """Per-token log-probs (G, Lc) of G completions of ONE prompt (and entropies, or None), 0 where
+    `mask` is 0. packed: one forward over the row [prompt; c_1 ... c_G] (the docstring's layout);
+    else G rows [prompt; c_i]. `suppress`: the ids generate never samples, removed here too so that pi
+    is exactly the sampling distribution. `forward` runs the model (the DeepSpeed engine when
+    training; default: the model). The plumbing is model.completion_logprobs."""
+    return completion_logprobs(model, prompt, ids, mask, temperature, suppress, with_entropy, packed, forward)
 
 
 def stop_ids(model, tokenizer) -> list[int]:
@@ -307,8 +351,9 @@ def _to(d: dict, device) -> dict:
 # One GRPO step: rollout -> reward -> advantages -> update
 
 
-def grpo_step(engine, ref, processor, samples: list[data.Sample], args, reward_fn=tvg) -> StepResult:
-    """One rollout batch on this rank (`samples`: its prompts) and the updates on it."""
+def grpo_step(engine, ref, processor, samples: list[data.Sample], args, reward_fn=tvg, videos=None) -> StepResult:
+    """One rollout batch on this rank (`samples`: its prompts) and the updates on it. `videos`: the
+    prompts' decoded videos (load_prompts); decoded here when None."""
     import torch.distributed as dist
     policy, G, dev = engine.module, args.group_size, engine.device
     world = dist.get_world_size()
@@ -320,11 +365,16 @@ def grpo_step(engine, ref, processor, samples: list[data.Sample], args, reward_f
 
     # 1. Rollout: each video decoded once, encoded once, prompt prefilled once per group.
     policy.eval()  # also turns activation checkpointing off, which would disable the KV cache
-    videos = [data.load_video(s, **vkw) for s in samples]
+    if videos is None:
+        videos = [data.load_video(s, **vkw) for s in samples]
     gather = contextlib.nullcontext()
     if args.gather_for_rollout and args.zero_stage == 3:
-        import deepspeed
-        gather = deepspeed.zero.GatheredParameters(list(policy.parameters()))
+        # Every weight gathered ONCE for the whole rollout, with ZeRO-3's module hooks off meanwhile and
+        # back on after (DeepSpeed's own helper for this). A plain GatheredParameters is not enough: the
+        # hooks still re-partition each layer right after it runs, so decoding would gather the weights
+        # again for every new token (tests/test_gpu_paths.py counts the all-gathered bytes).
+        from deepspeed.runtime.zero.stage3 import unwrap_model_for_generation
+        gather = unwrap_model_for_generation(engine)
     prompts, completions = [], []
     with gather:
         step = args.gen_batch or len(samples)
@@ -355,16 +405,21 @@ def grpo_step(engine, ref, processor, samples: list[data.Sample], args, reward_f
 
     # 3. pi_old (and pi_ref) log-probs, once, before any update -- only when they are needed. Dropped
     #    groups too: under ZeRO-3 every rank must run the same number of forwards.
+    #    They take the update's forwards (same completions per forward), so pi / pi_old starts at exactly 1.
     mini = (args.mini_batch or args.prompts_per_step) // world  # prompts per optimizer step on this rank
     off_policy = args.mu > 1 or mini < len(groups)
+    parts = [slice(a, a + (args.update_chunk or G)) for a in range(0, G, args.update_chunk or G)]
+    logprobs = functools.partial(sequence_logprobs, temperature=args.temperature, suppress=never,
+                                 packed=args.update == "packed")
     with torch.no_grad():
         for g in groups:
             if off_policy:
-                g.old_logp = sequence_logprobs(policy, g.prompt, g.ids, g.mask, args.temperature, never)[0]
+                g.old_logp = torch.cat([logprobs(policy, g.prompt, g.ids[s], g.mask[s])[0] for s in parts])
             if ref is not None:
-                g.ref_logp = sequence_logprobs(ref, g.prompt, g.ids, g.mask, args.temperature, never)[0]
+                g.ref_logp = torch.cat([logprobs(ref, g.prompt, g.ids[s], g.mask[s])[0] for s in parts])
 
-    # 4. Update: token mean over each mini-batch (all ranks); one forward/backward per group.
+    # 4. Update: token mean over each mini-batch (all ranks); one forward/backward per group (or per
+    #    --update-chunk completions of it: the gradients add up).
     policy.train()
     sums = {"tokens": 0.0, "clip_frac": 0.0, "kl": 0.0, "entropy": 0.0, "loss": 0.0, "opt_steps": 0, "gnorm": 0.0}
     for _ in range(args.mu):
@@ -382,20 +437,22 @@ def grpo_step(engine, ref, processor, samples: list[data.Sample], args, reward_f
                 # ZeRO-3 needs the same number of forward/backward on every rank: a rank with fewer
                 # kept groups repeats one with weight 0.
                 g, w = (kept[k], 1.0) if k < len(kept) else ((kept or part)[0], 0.0)
-                engine.set_gradient_accumulation_boundary(k == n_micro - 1)
-                logp, ent = sequence_logprobs(policy, g.prompt, g.ids, g.mask, args.temperature, never,
-                                              with_entropy=args.entropy_coef > 0, forward=engine)
-                old = g.old_logp if g.old_logp is not None else logp.detach()
-                # DeepSpeed averages gradients over ranks: dividing by n_tokens / world makes the sum a
-                # token mean over the whole mini-batch.
-                loss, st = grpo_loss(logp, old, g.adv[:, None], g.mask, args.clip_eps, args.clip_eps_high,
-                                     g.ref_logp, args.beta, ent, args.entropy_coef, n_tokens=float(n_tokens) / world)
-                engine.backward(loss * w, scale_wrt_gas=False)
-                t = float(g.mask.sum()) * w
-                sums["tokens"] += t
-                sums["loss"] += loss.item() * w * float(n_tokens) / world
-                for key in ("clip_frac", "kl", "entropy"):
-                    sums[key] += st.get(key, 0.0) * t
+                for j, s in enumerate(parts):
+                    engine.set_gradient_accumulation_boundary(k == n_micro - 1 and j == len(parts) - 1)
+                    logp, ent = logprobs(policy, g.prompt, g.ids[s], g.mask[s], with_entropy=args.entropy_coef > 0,
+                                         forward=engine)
+                    old = g.old_logp[s] if g.old_logp is not None else logp.detach()
+                    ref_logp = g.ref_logp[s] if g.ref_logp is not None else None
+                    # DeepSpeed averages gradients over ranks: dividing by n_tokens / world makes the sum a
+                    # token mean over the whole mini-batch.
+                    loss, st = grpo_loss(logp, old, g.adv[s, None], g.mask[s], args.clip_eps, args.clip_eps_high,
+                                         ref_logp, args.beta, ent, args.entropy_coef, n_tokens=float(n_tokens) / world)
+                    engine.backward(loss * w, scale_wrt_gas=False)
+                    t = float(g.mask[s].sum()) * w
+                    sums["tokens"] += t
+                    sums["loss"] += loss.item() * w * float(n_tokens) / world
+                    for key in ("clip_frac", "kl", "entropy"):
+                        sums[key] += st.get(key, 0.0) * t
             gnorm, grads = None, [p.grad for p in policy.parameters() if p.grad is not None]
             if args.zero_stage == 0 and grads:  # DeepSpeed reports the norm only for ZeRO; grads are whole here
                 gnorm = torch.stack([x.norm() for x in grads]).norm().item()
@@ -421,6 +478,7 @@ def load_reference(args, cfg: dict, dtype, device):
     with beta = 0: then no reference model exists (tests/test_grpo.py checks the run says so)."""
     ref, keep = load_for_training(args.model, cfg, dtype)
     ref.requires_grad_(False)
+    use_prefix_attention(ref)
     if args.zero_stage == 3:  # an inference engine: weights stay partitioned, gathered per layer
         import deepspeed
         ref = deepspeed.initialize(model=ref, config={k: v for k, v in cfg.items() if k != "optimizer"})[0].module
@@ -449,6 +507,7 @@ def setup(args):
         print0(f"vision tower frozen: {freeze_vision(policy):,} parameters not trained")
     if args.grad_ckpt:
         policy.activation_checkpointing_enable()
+    use_prefix_attention(policy)  # SDPA as before, and the packed row's two-call attention (model.py)
     engine, *_ = deepspeed.initialize(model=policy, config=cfg,
                                       model_parameters=[p for p in policy.parameters() if p.requires_grad])
     ref = None
@@ -469,6 +528,33 @@ def step_prompts(samples: list, step: int, args, rank: int, world: int) -> list:
     n, per = len(samples), args.prompts_per_step // world
     first = (step - 1) * args.prompts_per_step + rank * per
     return [samples[_epoch_order(n, args.seed, k // n)[k % n]] for k in range(first, first + per)]
+
+
+def load_prompts(samples: list, position: dict, step: int, args, rank: int, world: int, bad: dict) -> tuple:
+    """(prompts, their decoded videos, how many were replaced) of this rank for `step`. A video that does not decode is
+    recorded in `bad` (id -> reason); with --skip-bad its prompt is replaced by the next sample of the
+    file whose video decodes (deterministic: a resumed run replays the same replacement). Every rank so
+    keeps its number of prompts, and no collective waits for a rank that failed; without --skip-bad
+    main() stops every rank at once. `position`: sample id -> index in `samples`."""
+    vkw = dict(nframes=args.nframes, max_pixels=args.max_pixels, min_pixels=args.min_pixels)
+    prompts, videos, replaced = [], [], 0
+    for s in step_prompts(samples, step, args, rank, world):
+        for j in range(len(samples)):
+            cand = samples[(position[s.id] + j) % len(samples)]
+            if cand.id in bad:
+                continue
+            try:
+                videos.append(data.load_video(cand, **vkw))
+                prompts.append(cand)
+                replaced += cand is not s
+                break
+            except data.DataError as e:
+                bad[cand.id] = str(e)
+                if not args.skip_bad:
+                    return prompts, videos, replaced
+        else:
+            raise data.DataError(f"{args.data}: no sample with a readable video left")
+    return prompts, videos, replaced
 
 
 # -----------------------------------------------------------------------------
@@ -507,6 +593,7 @@ def step_record(step: int, tot: dict, res: StepResult, sec: float, args) -> dict
            "loss": tot["loss"] / tokens, "clip_frac": tot["clip_frac"] / tokens,
            "grad_norm": res.stats["gnorm"] / res.stats["opt_steps"] if res.stats["opt_steps"] else None,
            "drop": tot["dropped"] / max(tot["groups"], 1), "opt_steps": res.stats["opt_steps"], "sec": sec,
+           "skipped_videos": int(tot.get("skipped", 0)),
            **{f"{k}_s": v for k, v in res.times.items()}}
     if args.beta > 0:
         rec["kl"] = tot["kl"] / tokens
@@ -522,7 +609,8 @@ def log_line(rec: dict, steps: int, eta_s: float) -> str:
             f"iou {rec['iou']:.3f} | fmt {rec['format']:.2f} | len {rec['length']:.1f} | "
             f"clip {rec['clip_frac']:.3f}{kl} | gnorm {g} | drop {rec['drop']:.2f} | {rec['sec']:.1f} s "
             f"(roll {rec['rollout_s']:.1f} rew {rec['reward_s']:.1f} upd {rec['update_s']:.1f}) | "
-            f"ETA {datetime.timedelta(seconds=round(eta_s))}")
+            f"ETA {datetime.timedelta(seconds=round(eta_s))}"
+            + (f" | skipped videos {rec['skipped_videos']}" if rec.get("skipped_videos") else ""))
 
 
 # -----------------------------------------------------------------------------
@@ -562,12 +650,15 @@ def main(argv=None) -> None:
     if not samples:
         sys.exit(f"error: {args.data} has no samples")
     missing = [s for s in samples if not os.path.isfile(s.video)]
-    if missing:  # found now rather than at some step hours in
+    if missing and not args.skip_bad:  # found now rather than at some step hours in
         sys.exit(f"error: {len(missing)} of {len(samples)} videos of {args.data} not found, e.g. sample "
-                 f"{missing[0].id}: {missing[0].video}")
+                 f"{missing[0].id}: {missing[0].video} (--skip-bad replaces such prompts)")
+    if missing:
+        print0(f"{len(missing)} of {len(samples)} videos of {args.data} not found: their prompts will be replaced (--skip-bad)")
 
     engine, ref, processor, _keep = setup(args)
     import torch.distributed as dist
+    check_shared_dir(out, engine.device)  # rank 0 writes the checkpoints every rank resumes from
     start = 0
     if args.resume and last:
         state = load_checkpoint(engine, last)
@@ -595,12 +686,26 @@ def main(argv=None) -> None:
     from tqdm import tqdm
     bar = tqdm(total=args.steps, initial=start, desc="GRPO", unit="step", disable=rank != 0)
     times = []
+    position, bad = {s.id: k for k, s in enumerate(samples)}, {}
     for step in range(start + 1, args.steps + 1):
         t = time.time()
-        prompts = step_prompts(samples, step, args, rank, world)
-        res = grpo_step(engine, ref, processor, prompts, args)
+        n_bad = len(bad)
+        prompts, videos, replaced = load_prompts(samples, position, step, args, rank, world, bad)
+        for i in list(bad)[n_bad:]:
+            tqdm.write(f"[rank {rank}] step {step}: sample {i}: {bad[i]}" + (" (skipped: --skip-bad)" if args.skip_bad else ""))
+        # Every rank learns of a bad video before the step's first collective: one rank stopping alone
+        # would leave the others waiting in a collective until the NCCL timeout.
+        flag = torch.tensor([len(bad) - n_bad], dtype=torch.float64, device=engine.device)
+        dist.all_reduce(flag)
+        if flag.item() and not args.skip_bad:
+            print0(f"error: a video of {args.data} does not decode (named above); fix it, run `prepare.py check`, "
+                   "or pass --skip-bad to replace such prompts")
+            dist.destroy_process_group()
+            sys.exit(1)
+        res = grpo_step(engine, ref, processor, prompts, args, videos=videos)
+        res.stats["skipped"] = replaced  # prompts whose video did not decode, replaced this step
         keys = ["n", "reward", "reward_sq", "iou", "format", "length", "tokens", "loss", "clip_frac", "kl",
-                "entropy", "groups", "dropped"]
+                "entropy", "groups", "dropped", "skipped"]
         tot = torch.tensor([float(res.stats[k]) for k in keys], dtype=torch.float64, device=engine.device)
         dist.all_reduce(tot)
         times.append(time.time() - t)

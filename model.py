@@ -11,8 +11,11 @@ so the CPU preset exercises the same code as the 16-GPU run. Only the sizes diff
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
+import sys
+from dataclasses import dataclass
 
 import torch
 
@@ -113,6 +116,173 @@ def suppress_ids(tokenizer) -> list[int]:
 
 
 # -----------------------------------------------------------------------------
+# The training forward of G completions of one prompt (grpo.py): per-token log-probs and entropies.
+#
+# Packed (the default): ONE row [prompt; c_1 ... c_G], so the prompt's forward and backward run once
+# per group instead of G times. Plain: G rows [prompt; c_i] (the prompt copied G times, the video
+# still encoded once), kept for comparison. Both return the same numbers (tests/test_packed.py).
+
+# Positions per lm_head call. Each call materialises a few (chunk, V) float32 tensors (~2.5 GB each at
+# the 7B's V = 152,064), never (G, Lc, V). Under ZeRO-3 every lm_head call gathers its weight (1.1 GB
+# in bf16), and ZeRO-3's hooks re-partition it after each call even inside GatheredParameters
+# (STACK.md), so we keep the calls few and large instead: HF's forward's one logit (logits_to_keep=1;
+# we run HF's forward through the engine because DeepSpeed's backward set-up hooks sit on its outputs,
+# here the hidden states the loss flows through), then per chunk the call, its recompute in backward
+# and the backward: 1 + 3 gathers per group with the paper's mean answers (8 x 400 tokens, one
+# chunk), 13 at 8 x 2,048 (tests/test_packed.py counts the calls).
+LOGIT_CHUNK = 4096
+
+# The text model's attention, registered with transformers. Its name must not contain "sdpa", "flash"
+# or "flex_attention": transformers dispatches on those words.
+PREFIX_ATTENTION = "prefix_shared"
+
+
+@dataclass
+class PackedLayout:
+    """Where the completions are in a packed row (packed_inputs); a forward kwarg that transformers
+    hands to every attention call."""
+    prompt_len: int  # Lp: the row starts with the prompt
+    rows: torch.Tensor  # (G, C) row index of completion i's token j (0 where j >= n_i)
+    valid: torch.Tensor  # (G, C) bool: j < n_i
+
+
+def prefix_attention(module, query, key, value, attention_mask, packed_layout=None, **kwargs):
+    """Transformers' SDPA attention, except on a packed row [prompt; c_1 ... c_G] (`packed_layout`):
+    there two SDPA calls compute exactly the pairs the row's rule allows. The prompt attends causally
+    to itself (is_causal). The completions, gathered into a (G, C) batch, attend to [prompt; own
+    tokens] with a (C, Lp + C) mask: token j sees the prompt and tokens <= j, never another completion.
+    No (T, T) mask, no work on pairs between completions. The cost: the prompt's keys and values are
+    copied G times per layer while it runs (the 7B: 8 x 28 heads x 4.2K x 128 in bf16, 0.24 GB each).
+    On a GPU the first call can take a flash kernel, the second a masked (memory-efficient) one; only
+    a GPU can check which kernels it picks and their speed. query (1, H, T, d), key and value
+    (1, H_kv, T, d) -> ((1, T, H, d), None), as SDPA's."""
+    from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+    if packed_layout is None:  # every other forward: generate, eval, the plain update
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    Lp, rows, valid = packed_layout.prompt_len, packed_layout.rows, packed_layout.valid
+    (G, C), n_rep = rows.shape, module.num_key_value_groups
+    key, value = repeat_kv(key, n_rep), repeat_kv(value, n_rep)  # (1, H, T, d)
+    sdpa = functools.partial(torch.nn.functional.scaled_dot_product_attention, scale=kwargs.get("scaling"),
+                             dropout_p=kwargs.get("dropout", 0.0))
+    prompt = sdpa(query[:, :, :Lp], key[:, :, :Lp], value[:, :, :Lp], is_causal=True)  # (1, H, Lp, d)
+    gather = lambda x: x[0][:, rows].transpose(0, 1)  # noqa: E731  (1, H, T, d) -> (G, H, C, d)
+    see = lambda x: torch.cat([x[:, :, :Lp].expand(G, -1, -1, -1), gather(x)], 2)  # noqa: E731  (G, H, Lp + C, d)
+    allowed = torch.ones(C, Lp + C, dtype=torch.bool, device=rows.device).tril(Lp)  # j sees keys <= Lp + j
+    completions = sdpa(gather(query), see(key), see(value), attn_mask=allowed)  # (G, H, C, d)
+    # the valid tokens in (G, C) order are the row's order after the prompt
+    out = torch.cat([prompt[0], completions.transpose(0, 1)[:, valid]], 1)  # (H, T, d)
+    return out.transpose(0, 1)[None].contiguous(), None
+
+
+def use_prefix_attention(model) -> None:
+    """Run the text model's attention through `prefix_attention` (the vision tower keeps its own).
+    Every forward without a `packed_layout` (generate, eval) is plain SDPA, with SDPA's masks."""
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.masking_utils import sdpa_mask
+    AttentionInterface.register(PREFIX_ATTENTION, prefix_attention)
+    AttentionMaskInterface.register(PREFIX_ATTENTION, sdpa_mask)
+    model.set_attn_implementation({"text_config": PREFIX_ATTENTION})
+
+
+def _predictors(first, starts, n) -> torch.Tensor:
+    """Row indices (N,) of the hidden states that predict each completion token, completion by
+    completion: token 0 of completion i from `first[i]`, token j > 0 from `starts[i] + j - 1`."""
+    return torch.cat([torch.cat([first[i:i + 1], starts[i] + torch.arange(int(n[i]) - 1, device=n.device)])[:int(n[i])]
+                      for i in range(len(n))])
+
+
+def packed_inputs(model, prompt: dict, ids: torch.Tensor, n: torch.Tensor) -> tuple[dict, torch.Tensor]:
+    """-> (forward kwargs of the row [prompt; ids[0, :n_0] ... ids[G-1, :n_G-1]] of T = Lp + sum(n)
+    tokens, (N,) row indices of the states that predict each completion token).
+
+    Positions (3, 1, T): the prompt's own 3-D positions (`get_rope_index` on the prompt alone: the
+    text after the video resumes after its last position); every completion continues from the
+    prompt's last position + 1, exactly as it would in its own row [prompt; c_i]. Attention: see
+    `prefix_attention` (the model must `use_prefix_attention`)."""
+    assert model.config.text_config._attn_implementation == PREFIX_ATTENTION, \
+        "a packed row needs model.use_prefix_attention(model) (plain SDPA would let completions see each other)"
+    dev, Lp = ids.device, prompt["input_ids"].shape[1]
+    pos, _ = model.model.get_rope_index(prompt["input_ids"], prompt["mm_token_type_ids"],
+                                        video_grid_thw=prompt["video_grid_thw"],
+                                        second_per_grid_ts=prompt["second_per_grid_ts"])  # (3, 1, Lp)
+    after = pos[:, 0, -1:] + 1  # (3, 1): the prompt ends in text, so its three rows agree
+    lens = [int(k) for k in n]
+    starts = Lp + torch.cumsum(n, 0) - n  # where each completion starts in the row
+    j = torch.arange(max(lens), device=dev)
+    valid = j < n[:, None]  # (G, C)
+    inputs = {"input_ids": torch.cat([prompt["input_ids"][0]] + [ids[i, :k] for i, k in enumerate(lens)])[None],
+              "position_ids": torch.cat([pos[:, 0]] + [after + torch.arange(k, device=dev) for k in lens], 1)[:, None],
+              "packed_layout": PackedLayout(Lp, torch.where(valid, starts[:, None] + j, 0), valid),
+              "pixel_values_videos": prompt["pixel_values_videos"], "video_grid_thw": prompt["video_grid_thw"]}
+    return inputs, _predictors(torch.full_like(n, Lp - 1), starts, n)
+
+
+def plain_inputs(model, prompt: dict, ids: torch.Tensor, mask: torch.Tensor) -> tuple[dict, torch.Tensor]:
+    """-> (forward kwargs of G rows [prompt; c_i] (padded to Lc), (N,) indices into the flattened
+    (G * (Lp + Lc)) states that predict each completion token). The video is encoded once and its
+    features reused for the G rows (with gradient)."""
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+    (G, Lc), Lp = ids.shape, prompt["input_ids"].shape[1]
+    feats = model.get_video_features(prompt["pixel_values_videos"], prompt["video_grid_thw"]).pooler_output
+    video = BaseModelOutputWithPooling(pooler_output=tuple(feats) * G)  # G references, one encode
+    inputs = {"input_ids": torch.cat([prompt["input_ids"].expand(G, -1), ids], 1),
+              "attention_mask": torch.cat([torch.ones(G, Lp, dtype=torch.long, device=ids.device), mask.long()], 1),
+              "mm_token_type_ids": torch.cat([prompt["mm_token_type_ids"].expand(G, -1), torch.zeros_like(ids)], 1),
+              "video_grid_thw": prompt["video_grid_thw"].repeat(G, 1),
+              "second_per_grid_ts": prompt["second_per_grid_ts"].repeat(G), "mm_encoder_outputs": {"video": video}}
+    starts = torch.arange(G, device=ids.device) * (Lp + Lc) + Lp
+    return inputs, _predictors(starts - 1, starts, mask.sum(1).long())
+
+
+def token_logprobs(lm_head, hidden, targets, temperature: float, suppress=None, with_entropy=False,
+                   chunk: int = LOGIT_CHUNK):
+    """(N, h) final hidden states and (N,) target ids -> (N,) log-probs of the targets under
+    softmax(lm_head(hidden) / temperature) and (N,) entropies (None without `with_entropy`).
+    `suppress`: ids removed from the distribution (p = 0), as generate never samples them.
+
+    Memory: `chunk` positions at a time, each under activation checkpointing, so the float32 logits of
+    a chunk are freed after its forward and recomputed in backward: the (N, V) logits never exist."""
+    from torch.utils.checkpoint import checkpoint
+
+    def piece(h, y):
+        logits = lm_head(h).float() / temperature  # (n, V)
+        if suppress:
+            logits[:, suppress] = float("-inf")
+        logp_all = logits.log_softmax(-1)
+        logp = logp_all.gather(-1, y[:, None]).squeeze(-1)
+        if not with_entropy:
+            return logp, None
+        # suppressed ids have p = 0 and logp = -inf: 0 * -inf would be NaN
+        return logp, -(logp_all.exp() * logp_all.where(logp_all.isfinite(), 0.0)).sum(-1)
+
+    grad = torch.is_grad_enabled() and hidden.requires_grad
+    outs = [checkpoint(piece, hidden[a:a + chunk], targets[a:a + chunk], use_reentrant=False) if grad
+            else piece(hidden[a:a + chunk], targets[a:a + chunk]) for a in range(0, len(targets), chunk)]
+    logp = torch.cat([o[0] for o in outs])
+    return logp, torch.cat([o[1] for o in outs]) if with_entropy else None
+
+
+def completion_logprobs(model, prompt: dict, ids, mask, temperature: float, suppress=None, with_entropy=False,
+                        packed=True, forward=None, chunk: int = LOGIT_CHUNK):
+    """Per-token log-probs (G, Lc) of G completions `ids` of ONE prompt (and entropies, or None), 0
+    where `mask` is 0. The mask is a prefix of each row (grpo.completion_mask). `prompt`: one prompt's
+    inputs, no padding (grpo.prompt_inputs). `forward` runs the model (the DeepSpeed engine when
+    training: its forward hooks set up engine.backward); `model` is the module itself.
+
+    The forward keeps one logit (logits_to_keep=1) and returns the final hidden states; log-probs are
+    computed from the states that predict completion tokens only, in chunks (`token_logprobs`)."""
+    G, Lc = ids.shape
+    n = mask.sum(1).long()  # completion lengths
+    assert torch.equal(mask.bool(), torch.arange(Lc, device=ids.device) < n[:, None]), "mask must be a prefix"
+    inputs, at = packed_inputs(model, prompt, ids, n) if packed else plain_inputs(model, prompt, ids, mask)
+    out = (forward or model)(**inputs, logits_to_keep=1, output_hidden_states=True, use_cache=False)
+    hidden = out.hidden_states[-1].flatten(0, 1)[at]  # (N, h), N = mask.sum(); the last state is normed
+    logp, ent = token_logprobs(model.lm_head, hidden, ids[mask.bool()], temperature, suppress, with_entropy, chunk)
+    full = lambda x: torch.zeros(G, Lc, dtype=x.dtype, device=x.device).masked_scatter(mask.bool(), x)  # noqa: E731
+    return full(logp), full(ent) if with_entropy else None
+
+
+# -----------------------------------------------------------------------------
 # Distributed training: one DeepSpeed path for 1 CPU process and for 16 GPUs (sft.py, grpo.py)
 
 
@@ -144,6 +314,49 @@ def init_distributed() -> torch.device:
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     deepspeed.init_distributed(dist_backend="gloo")
     return torch.device("cpu")
+
+
+def check_shared_dir(path: str, device, wait: float = 10.0) -> None:
+    """Stop every rank, with a message, unless all of them see the same `path` (call after
+    init_distributed). Rank 0 writes the checkpoints and every rank reads them on resume, so a
+    multi-node run needs --out on a filesystem all nodes share; a node-local --out would otherwise
+    show up hours later as a hang or a resume from different weights. Rank 0 writes a random token
+    there, every rank reads it back (retrying for `wait` seconds: a network filesystem may show a new
+    file late), and all agree."""
+    import secrets
+    import socket
+    import time
+    import torch.distributed as dist
+    rank = dist.get_rank()
+    token = torch.zeros(1, dtype=torch.int64, device=device)  # on the device: NCCL takes CUDA tensors only
+    probe = os.path.join(path, ".rank_check")
+    if rank == 0:
+        token[0] = secrets.randbits(62)
+        os.makedirs(path, exist_ok=True)
+        with open(probe + ".tmp", "w") as f:
+            f.write(str(int(token)))
+        os.replace(probe + ".tmp", probe)
+    dist.broadcast(token, 0)
+    seen = None
+    deadline = time.time() + wait
+    while True:
+        try:
+            with open(probe) as f:
+                seen = int(f.read())
+        except (OSError, ValueError):
+            seen = None
+        if seen == int(token) or time.time() > deadline:
+            break
+        time.sleep(0.5)
+    bad = torch.tensor([int(seen != int(token))], dtype=torch.int64, device=device)
+    dist.all_reduce(bad)
+    if bad.item():
+        if seen != int(token):
+            print(f"error: rank {rank} on {socket.gethostname()} does not see rank 0's {probe}: --out must be "
+                  "a directory every node shares (rank 0 writes the checkpoints; every rank reads them on resume)",
+                  file=sys.stderr, flush=True)
+        dist.destroy_process_group()
+        sys.exit(1)
 
 
 def ds_config(micro_batch: int, grad_accum: int, zero_stage: int, lr: float, bf16: bool,

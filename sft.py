@@ -67,8 +67,9 @@ from tqdm import tqdm
 
 from data import MAX_PIXELS, MIN_PIXELS, NFRAMES, DataError, Sample, build_inputs, format_answer, load_video, \
     sample_from_dict
-from model import (dist_env, ds_config, freeze_vision, init_distributed, keep_steps_upto, latest_checkpoint,
-                   load_checkpoint, load_for_training, load_processor, print0, save_checkpoint, save_hf)
+from model import (check_shared_dir, dist_env, ds_config, freeze_vision, init_distributed, keep_steps_upto,
+                   latest_checkpoint, load_checkpoint, load_for_training, load_processor, print0, save_checkpoint,
+                   save_hf)
 
 IGNORE = -100  # label of a token that carries no loss (cross_entropy's ignore_index)
 
@@ -322,6 +323,7 @@ def main(argv=None) -> None:
 
     # Distributed setup and the model.
     device = init_distributed()
+    check_shared_dir(out, device)  # rank 0 writes the checkpoints every rank resumes from
     torch.manual_seed(args.seed)
     processor = load_processor(args.model)
     tok = processor.tokenizer
@@ -392,7 +394,8 @@ def main(argv=None) -> None:
         for group in engine.optimizer.param_groups:
             group["lr"] = lr
         t0 = time.time()
-        stats = torch.zeros(4, dtype=torch.float64)  # loss sum, tokens, answer tokens, skipped videos
+        # On the engine's device: NCCL reduces CUDA tensors only (gloo, on the CPU, takes either).
+        stats = torch.zeros(4, dtype=torch.float64, device=device)  # loss sum, tokens, answer tokens, skipped videos
         for k in range(grad_accum):
             first = offset + k * args.micro_batch
             exs, videos = zip(*[load_at(order, first + i) for i in range(args.micro_batch)])
@@ -406,7 +409,7 @@ def main(argv=None) -> None:
             engine.backward(loss)
             engine.step()  # DeepSpeed applies the optimizer at the accumulation boundary only
             stats[:3] += torch.tensor([loss.item(), inputs["attention_mask"].sum().item(),
-                                       (labels != IGNORE).sum().item()], dtype=torch.float64)
+                                       (labels != IGNORE).sum().item()], dtype=torch.float64, device=device)
         stats[3] = len(bad_ids)
         torch.distributed.all_reduce(stats)
         index += batch

@@ -141,6 +141,7 @@ def test_shared_path_gives_the_naive_samples_and_log_probs(tiny_model_dir, synth
     from transformers import LogitsProcessorList
     import bench
     m, proc = M.load_model(tiny_model_dir), M.load_processor(tiny_model_dir)
+    M.use_prefix_attention(m)  # as grpo.py: the loss forward below is the packed row
     vkw = dict(nframes=NFRAMES, max_pixels=MAX_PIXELS, min_pixels=MIN_PIXELS)
     samples = data.read_jsonl(synth_dir / "train.jsonl")[::4][:3]  # 3 videos, prompts of different lengths
     videos = [data.load_video(s, **vkw) for s in samples]
@@ -220,8 +221,9 @@ def run_toy(tmp_path, model_dir, data_path, steps, *extra, nproc=1):
 
 
 def test_grpo_steps_raise_the_reward_on_a_toy_task(tiny_model_dir, synth_dir, tmp_path):
+    # --update-chunk 3: each group of 8 in packed forwards of 3, 3 and 2 answers (pi_old too)
     steps = run_toy(tmp_path, tiny_model_dir, str(synth_dir / "train.jsonl"), 6,
-                    "--prompts-per-step", "2", "--lr", "5e-2", "--mu", "2")
+                    "--prompts-per-step", "2", "--lr", "5e-2", "--mu", "2", "--update-chunk", "3")
     rewards = [s[1] for s in steps]
     assert len(rewards) == 6
     assert sum(rewards[-2:]) / 2 > sum(rewards[:2]) / 2 + 0.15, rewards  # ~0.5 (chance) -> ~0.9
@@ -231,9 +233,10 @@ def test_grpo_steps_raise_the_reward_on_a_toy_task(tiny_model_dir, synth_dir, tm
 
 def test_two_process_zero3_with_a_dropped_group_on_one_rank(tiny_model_dir, synth_dir, tmp_path):
     # Rank 0's group has equal rewards and is dropped, rank 1's is not: rank 0 must still run a
-    # (zero-weight) forward/backward or ZeRO-3 would deadlock. Weights gathered once per rollout.
+    # (zero-weight) forward/backward or ZeRO-3 would deadlock. Weights gathered once per rollout; each
+    # group of 8 answers in two packed forwards (--update-chunk 5), on both ranks.
     steps = run_toy(tmp_path, tiny_model_dir, str(synth_dir / "train.jsonl"), 2, "--prompts-per-step", "2",
-                    "--lr", "1e-2", "--zero-stage", "3", "--gather-for-rollout", nproc=2)
+                    "--lr", "1e-2", "--zero-stage", "3", "--gather-for-rollout", "--update-chunk", "5", nproc=2)
     by_rank = {r: [s for s in steps if s[0] == r] for r in (0, 1)}
     assert len(by_rank[0]) == len(by_rank[1]) == 2
     assert all(s[4] == 1 and s[3] == 1 for s in by_rank[0])  # dropped, yet the optimizer step happened
