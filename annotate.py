@@ -38,9 +38,11 @@ the end of every run, atomically, so changing --hi/--lo re-splits without a sing
 Where we differ from the paper or had to choose:
 - The summary's "failed" column = malformed answers + requests that gave up; mean IoU is over the
   samples the teacher answered (malformed ones count as 0), not over failed requests.
-- 429, 408, 5xx, timeouts and dropped connections are retried with exponential backoff (our own
-  loop; the SDKs' retries are off so the behaviour is ours and tested). 401/403/404 abort the run
-  (wrong key or model name: every request would fail); other 4xx fail only that sample.
+- 429, 408, 5xx, timeouts, dropped connections, a body that is not JSON and a 200 without an answer
+  (empty text, or an error object in place of the choices) are retried with exponential backoff (our
+  own loop; the SDKs' retries are off so the behaviour is ours and tested). 401/403/404 abort the run
+  (wrong key or model name: every request would fail); other 4xx fail only that sample. A video that
+  does not decode (as training decodes it, data.load_video) is a failed sample before any request.
 - The `captions` teacher is not a model: it picks the caption sharing the most words with the query
   (ties -> the earliest) and writes the captions with their times in time order up to that one,
   marked "(the query)" after its deciding word, then the answer. That is TaRO's "constructive
@@ -92,7 +94,8 @@ def get_args(argv=None) -> argparse.Namespace:
     g.add_argument("--base-url", default=None,
                    help="API endpoint (openai: e.g. http://host:8000/v1; gemini: a proxy or test server)")
     g.add_argument("--max-tokens", type=int, default=8192, help="max output tokens per answer (the paper's 8192)")
-    g.add_argument("--nframes", type=int, default=data.NFRAMES, help="openai teacher: frames sent per video")
+    g.add_argument("--nframes", type=int, default=data.NFRAMES,
+                   help="openai teacher: frames sent per video (gemini: frames decoded to check the video first)")
     g.add_argument("--max-pixels", type=int, default=data.MAX_PIXELS, help="openai teacher: max pixels per frame")
     g.add_argument("--min-pixels", type=int, default=data.MIN_PIXELS, help="openai teacher: min pixels per frame")
     g.add_argument("--inline-max-mb", type=float, default=20.0,
@@ -182,6 +185,11 @@ def judge(text: str, sample: Sample) -> tuple[str, list[float] | None, float]:
 # Retries: our own loop (SDK retries off), so what is retried is decided and tested here.
 
 
+class BadReply(Exception):
+    """A reply with status 200 that holds no answer: empty text, or an error object where the choices
+    (candidates) should be (some gateways answer errors with 200). Retried like a 5xx."""
+
+
 class GaveUp(Exception):
     def __init__(self, attempts: int, error: BaseException):
         super().__init__(f"gave up after {attempts} attempt(s): {type(error).__name__}: {error}")
@@ -209,11 +217,12 @@ def transport_errors() -> tuple[type[BaseException], ...]:
 
 
 def is_transient(e: BaseException) -> bool:
-    """429, 408, 5xx, timeouts and dropped connections: worth another try."""
+    """429, 408, 5xx, timeouts, dropped connections, a body that is not JSON (cut or garbled on the way)
+    and a 200 without an answer: worth another try."""
     status = status_of(e)
     if status is not None:
         return status in (408, 429) or status >= 500
-    return isinstance(e, transport_errors())
+    return isinstance(e, (BadReply, json.JSONDecodeError, *transport_errors()))
 
 
 def with_retries(call: Callable, args, stop: threading.Event) -> tuple[object, int]:
@@ -340,12 +349,17 @@ def make_teacher(args, key: str | None, stop: threading.Event) -> tuple[Callable
         from openai import OpenAI
         client = OpenAI(base_url=args.base_url, api_key=key, max_retries=0, timeout=args.timeout)
 
+        def chat(messages: list[dict]):
+            resp = client.chat.completions.create(model=args.model, messages=messages, max_tokens=args.max_tokens)
+            if not (resp.choices and resp.choices[0].message.content):
+                raise BadReply(f"no answer text in the reply ({getattr(resp, 'error', None) or 'empty'})")
+            return resp
+
         def ask_openai(sample: Sample) -> Reply:
             messages = openai_messages(sample, args)
-            resp, attempts = with_retries(lambda: client.chat.completions.create(
-                model=args.model, messages=messages, max_tokens=args.max_tokens), args, stop)
+            resp, attempts = with_retries(lambda: chat(messages), args, stop)
             u = resp.usage
-            return Reply(resp.choices[0].message.content or "", u.prompt_tokens if u else 0,
+            return Reply(resp.choices[0].message.content, u.prompt_tokens if u else 0,
                          u.completion_tokens if u else 0, attempts)
         return ask_openai, args.model
 
@@ -366,11 +380,19 @@ def make_teacher(args, key: str | None, stop: threading.Event) -> tuple[Callable
             f, _ = with_retries(lambda: client.files.get(name=f.name), args, stop)
         return f
 
+    def generate(video, query: str):
+        resp = client.models.generate_content(model=model, contents=[video, query], config=config)
+        if not resp.text:
+            why = resp.candidates[0].finish_reason if resp.candidates else "no candidates"
+            raise BadReply(f"no answer text in the reply ({why})")
+        return resp
+
     def ask_gemini(sample: Sample) -> Reply:
         _, user = data.build_messages(sample)  # the paper's order: the video, then the query
         path, query = user["content"][0]["video"], user["content"][1]["text"]
-        if not os.path.isfile(path):
-            raise DataError(f"sample {sample.id}: video not found: {path}")
+        # Decoded once as training will decode it: a video it cannot read (zero bytes, truncated, damaged
+        # frames, shorter than its span) is a failed sample here, not a paid answer.
+        data.load_video(sample, args.nframes, args.max_pixels, args.min_pixels)
         mime = mimetypes.guess_type(path)[0] or "video/mp4"
         uploaded = None
         if os.path.getsize(path) <= args.inline_max_mb * 2**20:  # the inline request limit is ~20 MB
@@ -378,8 +400,7 @@ def make_teacher(args, key: str | None, stop: threading.Event) -> tuple[Callable
         else:
             video = uploaded = upload(path, mime)
         try:
-            resp, attempts = with_retries(lambda: client.models.generate_content(
-                model=model, contents=[video, query], config=config), args, stop)
+            resp, attempts = with_retries(lambda: generate(video, query), args, stop)
         finally:
             if uploaded is not None:  # files expire after 48 h anyway; do not keep quota busy
                 try:
@@ -388,7 +409,7 @@ def make_teacher(args, key: str | None, stop: threading.Event) -> tuple[Callable
                     print(f"note: could not delete {uploaded.name}: {type(e).__name__}", file=sys.stderr)
         u = resp.usage_metadata
         completion = (u.candidates_token_count or 0) + (u.thoughts_token_count or 0) if u else 0
-        return Reply(resp.text or "", (u.prompt_token_count or 0) if u else 0, completion, attempts)
+        return Reply(resp.text, (u.prompt_token_count or 0) if u else 0, completion, attempts)
     return ask_gemini, model
 
 
@@ -441,21 +462,15 @@ def load_annotations(path: Path) -> list[Annotation]:
     starts on a fresh line. Any other bad line is a real problem and raises naming the line."""
     if not path.exists():
         return []
-    raw = path.read_bytes()
-    cut = raw.rfind(b"\n") + 1
-    if cut < len(raw):
-        print(f"note: {path}: dropping an unfinished last line ({len(raw) - cut} bytes) from an interrupted run",
-              file=sys.stderr)
-        os.truncate(path, cut)
-        raw = raw[:cut]
+    torn = data.drop_torn_tail(path)
+    if torn:
+        print(f"note: {path}: dropping an unfinished last line ({torn} bytes) from an interrupted run", file=sys.stderr)
     out = []
-    for i, line in enumerate(raw.decode("utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
+    for where, d in data.json_lines(path):
         try:
-            out.append(Annotation(**json.loads(line)))
-        except (json.JSONDecodeError, TypeError) as e:
-            raise DataError(f"{path}:{i}: not an annotation record ({e})") from None
+            out.append(Annotation(**d))
+        except TypeError as e:  # not an object, or other fields
+            raise DataError(f"{where}: not an annotation record ({e})") from None
     return out
 
 
@@ -519,12 +534,8 @@ def print_summary(rows: dict) -> None:
 
 def main(argv=None) -> None:
     args = get_args(argv)
-    samples = data.read_jsonl(args.data)[: args.limit]
-    seen: set[str] = set()
-    for s in samples:  # the cache is keyed by id: two samples with one id would share an answer
-        if s.id in seen:
-            raise DataError(f"{args.data}: sample id {s.id} appears twice; ids must be unique")
-        seen.add(s.id)
+    samples = data.read_jsonl(args.data)[: args.limit]  # ids are unique: they key the cache
+    seen = {s.id for s in samples}
     if args.teacher == "captions":
         check_captions(samples)
     key = api_key(args.teacher)
@@ -581,4 +592,7 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except DataError as e:  # bad input: the message names the file:line or the sample
+        sys.exit(f"error: {e}")

@@ -22,11 +22,14 @@ time-encoding bug of several peer recipes: Qwen2.5-VL places video tokens in tim
 from __future__ import annotations
 
 import argparse
+import codecs
 import csv
+import io
 import json
 import math
 import os
 import sys
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -48,6 +51,9 @@ SYSTEM_PROMPT = (
 NFRAMES = 64
 MAX_PIXELS = 128 * 28 * 28
 MIN_PIXELS = 4 * 28 * 28
+# The longest query a Sample may hold. The three benchmarks' longest is 142 characters; a query of
+# 100,000 would become a prompt of tens of thousands of tokens (a data error, not a question).
+MAX_QUERY_CHARS = 2000
 
 # -----------------------------------------------------------------------------
 # The record
@@ -77,12 +83,14 @@ class DataError(ValueError):
 def _check_span(span, where: str) -> list[float]:
     if not (isinstance(span, (list, tuple)) and len(span) == 2):
         raise DataError(f"{where}: a span must be [start, end], got {span!r}")
-    try:
-        s, e = float(span[0]), float(span[1])
-    except (TypeError, ValueError):
-        raise DataError(f"{where}: span times must be numbers, got {span!r}") from None
+    # Numbers only: "12.5" would read, but a file that writes times as strings may write "1:05" next.
+    if not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in span):
+        raise DataError(f"{where}: span times must be numbers, got {span!r}")
+    s, e = float(span[0]), float(span[1])
     if not (math.isfinite(s) and math.isfinite(e)):
         raise DataError(f"{where}: span times must be finite, got {span!r}")
+    if s > e:  # no IoU could ever be above 0
+        raise DataError(f"{where}: span [{s}, {e}] starts after it ends")
     return [s, e]
 
 
@@ -104,33 +112,99 @@ def sample_from_dict(d: dict, where: str) -> Sample:
             raise DataError(f"{where}: duration must be a number, got {d['duration']!r}") from None
         if not (math.isfinite(duration) and duration > 0):
             raise DataError(f"{where}: duration must be positive, got {d['duration']!r}")
+    query = d["query"]
+    if not isinstance(query, str) or not query.strip():
+        raise DataError(f"{where}: the query must be non-empty text, got {query!r}")
+    if len(query) > MAX_QUERY_CHARS:
+        raise DataError(f"{where}: the query is {len(query):,} characters long, more than the "
+                        f"{MAX_QUERY_CHARS:,} a query may have (data.MAX_QUERY_CHARS)")
     spans = d["spans"]
     if not isinstance(spans, list) or not spans:
         raise DataError(f"{where}: spans must be a non-empty list of [start, end], got {spans!r}")
     if not isinstance(spans[0], (list, tuple)):  # a single span written flat: [s, e]
         spans = [spans]
+    # A span that starts after the video ends is found when the video is opened (check_video), so that
+    # `prepare.py check --drop-bad` can leave such samples out instead of refusing the whole file.
     d = dict(d, id=str(d["id"]), duration=duration, spans=[_check_span(s, where) for s in spans])
     if d.get("answer") is not None:
         d["answer"] = _check_span(d["answer"], where)
     return Sample(**d)
 
 
+# Every reader goes through the next functions, so a UTF-8 BOM, CRLF line ends, bytes that are
+# not UTF-8 and a last line torn by a kill are handled, and named, the same way in every stage.
+
+
+def file_lines(path: str | Path, complete_only: bool = False) -> Iterator[tuple[str, bytes]]:
+    """(where 'FILE:LINE', the line's bytes without its line end) of each non-blank line of a text file.
+    A UTF-8 BOM before the first line is dropped and CRLF reads as LF. complete_only: a last line
+    without its newline is left out (an append-only log that a kill -9 cut in the middle of a write)."""
+    raw = Path(path).read_bytes()
+    lines = raw.removeprefix(codecs.BOM_UTF8).split(b"\n")
+    if complete_only:
+        lines = lines[:-1]  # what follows the last newline: nothing, or a torn line
+    for i, line in enumerate(lines, 1):
+        if line.strip():
+            yield f"{path}:{i}", line.removesuffix(b"\r")
+
+
+def text_line(line: bytes, where: str) -> str:
+    try:
+        return line.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{where}: not UTF-8 text (byte 0x{line[e.start]:02x} at column {e.start + 1})") from None
+
+
+def json_line(line: bytes, where: str):
+    """One line of a JSONL file, parsed. Bytes that are not UTF-8 and bad JSON raise naming `where`."""
+    try:
+        return json.loads(text_line(line, where))
+    except json.JSONDecodeError as e:
+        raise DataError(f"{where}: not valid JSON ({e.msg})") from None
+
+
+def json_lines(path: str | Path, complete_only: bool = False) -> Iterator[tuple[str, object]]:
+    """(where, parsed JSON) of each non-blank line of a JSONL file (see file_lines)."""
+    for where, line in file_lines(path, complete_only):
+        yield where, json_line(line, where)
+
+
+def drop_torn_tail(path: str | Path) -> int:
+    """Cut an append-only log after its last newline, so the next append starts a line of its own.
+    Returns the bytes dropped: a line a kill -9 tore mid-write (its work is redone)."""
+    if not os.path.exists(path):
+        return 0
+    raw = Path(path).read_bytes()
+    cut = raw.rfind(b"\n") + 1
+    if cut < len(raw):
+        os.truncate(path, cut)
+    return len(raw) - cut
+
+
+def read_text(path: str | Path) -> str:
+    """A whole UTF-8 text file (a JSON list, a CSV), its BOM dropped; bytes that are not UTF-8 raise
+    naming the line."""
+    raw = Path(path).read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x})") from None
+
+
 def read_jsonl(path: str | Path) -> list[Sample]:
-    """Read Samples; a relative video path is resolved against the JSONL's directory."""
+    """Read Samples; a relative video path is resolved against the JSONL's directory. Sample ids must
+    be unique: every stage keys its resume state (annotations, predictions) by id."""
     path = Path(path)
-    out = []
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                d = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{i}: not valid JSON ({e.msg})") from None
-            s = sample_from_dict(d, f"{path}:{i}")
-            if not os.path.isabs(s.video):
-                s.video = str((path.parent / s.video).resolve())
-            out.append(s)
+    out, seen = [], {}
+    for where, d in json_lines(path):
+        s = sample_from_dict(d, where)
+        if s.id in seen:
+            raise DataError(f"{where}: duplicate sample id {s.id!r} (first at {seen[s.id]})")
+        seen[s.id] = where
+        if not os.path.isabs(s.video):
+            s.video = str((path.parent / s.video).resolve())
+        out.append(s)
     return out
 
 
@@ -173,6 +247,40 @@ def _even_floor(n: int) -> int:
     return max(2, n - n % 2)
 
 
+# Durations in the benchmarks' files are rounded (NExT-GQA's to whole seconds), so a decoded video may end
+# a little before a span that starts near its end; more than this is a video too short for its span.
+SPAN_PAST_VIDEO_SECONDS = 1.0
+
+
+def check_video(sample: Sample) -> int:
+    """The number of frames of a Sample's video, after checking it opens (not a zero-byte, truncated or
+    audio-only file), has 2 frames or more, and lasts until each ground-truth span starts, by the
+    sample's duration and by the file. Opening reads the container's index only, no frame is decoded.
+    Raises a DataError naming the sample. (Span ends a little past the video are common, annotators
+    round up: Charades-STA has 551; the reward clamps them. A span that starts after the end can never
+    be hit.)"""
+    import decord
+    path = sample.video
+    if not os.path.isfile(path):
+        raise DataError(f"sample {sample.id}: video not found: {path}")
+    try:  # qwen-vl-utils swallows decord errors and retries with torchvision: check readability here
+        vr = decord.VideoReader(path)
+        total, fps = len(vr), vr.get_avg_fps()
+    except Exception as e:  # decord raises its own DECORDError for corrupt files
+        raise DataError(f"sample {sample.id}: cannot decode video {path}: {str(e).strip()[:300]}") from None
+    if total < 2:
+        raise DataError(f"sample {sample.id}: video {path} has {total} frame(s); need at least 2")
+    seconds = total / fps
+    for s, e in sample.spans:
+        if sample.duration is not None and s >= sample.duration:
+            raise DataError(f"sample {sample.id}: the span [{s}, {e}] starts at {s:.2f} s, but the video is "
+                            f"{sample.duration:.2f} s long (the sample's duration)")
+        if s > seconds + SPAN_PAST_VIDEO_SECONDS:
+            raise DataError(f"sample {sample.id}: the span [{s}, {e}] starts at {s:.2f} s, but the video {path} "
+                            f"is {seconds:.2f} s long (shorter than the annotation says)")
+    return total
+
+
 def load_video(sample: Sample, nframes: int = NFRAMES, max_pixels: int = MAX_PIXELS,
                min_pixels: int = MIN_PIXELS):
     """Decode and resize one Sample's video ONCE: returns (frames (T, C, H, W) float, metadata).
@@ -180,21 +288,18 @@ def load_video(sample: Sample, nframes: int = NFRAMES, max_pixels: int = MAX_PIX
 
     The metadata (source fps, sampled frame indices) is what makes the time encoding right: the
     processor derives `second_per_grid_ts` = temporal_patch_size / sampled_fps from it."""
-    import decord
     from qwen_vl_utils import fetch_video
 
-    path = sample.video
-    if not os.path.isfile(path):
-        raise DataError(f"sample {sample.id}: video not found: {path}")
-    try:  # qwen-vl-utils swallows decord errors and retries with torchvision: check readability here
-        total = len(decord.VideoReader(path))
-    except Exception as e:  # decord raises its own DECORDError for corrupt files
-        raise DataError(f"sample {sample.id}: cannot decode video {path}: {e}") from None
-    if total < 2:
-        raise DataError(f"sample {sample.id}: video {path} has {total} frame(s); need at least 2")
-    # A clip shorter than the frame budget is sampled at every frame (qwen-vl-utils would raise).
+    total = check_video(sample)
+    # A clip shorter than the frame budget is sampled at every frame (qwen-vl-utils would raise); the
+    # metadata still holds each frame's real time, so the time encoding stays right.
     ele = build_messages(sample, min(nframes, _even_floor(total)), max_pixels, min_pixels)[1]["content"][0]
-    frames, meta = fetch_video(ele, return_video_metadata=True)
+    try:
+        frames, meta = fetch_video(ele, return_video_metadata=True)
+    except Exception as e:  # its index opens but its frames do not decode (a damaged stream); qwen-vl-utils
+        # then falls back to torchvision, whose error (e) says little about the file
+        raise DataError(f"sample {sample.id}: cannot decode the frames of video {sample.video} (a damaged stream? "
+                        f"{type(e).__name__}: {str(e)[:300]})") from None
     return frames, meta
 
 
@@ -540,20 +645,15 @@ def _load_durations(durations: str | Path | dict | None) -> dict[str, float]:
 
 
 def _read_json(path: Path):
-    with open(path, encoding="utf-8") as f:
-        try:
-            return json.load(f)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+    try:
+        return json.loads(read_text(path))
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
 
 
 def _first_char(path: Path) -> str:
     """The first non-blank character: '[' for a JSON list, '{' for JSONL, anything else for text."""
-    with open(path, encoding="utf-8") as f:
-        while chunk := f.read(4096):
-            if chunk.strip():
-                return chunk.lstrip()[0]
-    return ""
+    return next((line.lstrip()[:1].decode("utf-8", "replace") for _, line in file_lines(path)), "")
 
 
 def _json_records(path: Path):
@@ -566,18 +666,10 @@ def _json_records(path: Path):
                 raise DataError(f"{where}: expected a JSON object, got {type(d).__name__}")
             yield where, d
         return
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                d = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: not valid JSON ({e.msg})") from None
-            if not isinstance(d, dict):
-                raise DataError(f"{where}: expected a JSON object, got {type(d).__name__}")
-            yield where, d
+    for where, d in json_lines(path):
+        if not isinstance(d, dict):
+            raise DataError(f"{where}: expected a JSON object, got {type(d).__name__}")
+        yield where, d
 
 
 def _field(d: dict, key: str, where: str):
@@ -587,14 +679,9 @@ def _field(d: dict, key: str, where: str):
 
 
 def _add(out: list[Sample], seen: dict[str, str], where: str, **fields) -> None:
-    """Validate one record (sample_from_dict's checks + query text + start <= end + unique id), append it."""
-    if not isinstance(fields["query"], str) or not fields["query"].strip():
-        raise DataError(f"{where}: the query must be non-empty text, got {fields['query']!r}")
-    fields["query"] = fields["query"].strip()
+    """Validate one record (sample_from_dict's checks + unique id), append it with its query stripped."""
     s = sample_from_dict(fields, where)
-    for a, b in s.spans:
-        if a > b:
-            raise DataError(f"{where}: span [{a}, {b}] starts after it ends")
+    s.query = s.query.strip()
     if s.id in seen:
         raise DataError(f"{where}: duplicate sample id {s.id!r} (first seen at {seen[s.id]})")
     seen[s.id] = where
@@ -644,21 +731,18 @@ def read_charades_sta(path: str | Path, video_root: str | Path | None = None,
 
 def _charades_text_records(path: Path):
     """The TALL text form as (where, dict in the JSONL form's keys)."""
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            left, sep, sentence = line.rstrip("\r\n").partition("##")
-            parts = left.split()
-            if not sep or len(parts) != 3 or not sentence.strip():
-                raise DataError(f"{where}: expected 'VID START END##sentence', got {line.strip()[:100]!r}")
-            vid, s, e = parts
-            try:
-                span = [float(s), float(e)]
-            except ValueError:
-                raise DataError(f"{where}: START and END must be seconds, got {s!r} and {e!r}") from None
-            yield where, {"vid": vid, "query": sentence, "relevant_windows": [span]}
+    for where, raw in file_lines(path):
+        line = text_line(raw, where)
+        left, sep, sentence = line.partition("##")
+        parts = left.split()
+        if not sep or len(parts) != 3 or not sentence.strip():
+            raise DataError(f"{where}: expected 'VID START END##sentence', got {line.strip()[:100]!r}")
+        vid, s, e = parts
+        try:
+            span = [float(s), float(e)]
+        except ValueError:
+            raise DataError(f"{where}: START and END must be seconds, got {s!r} and {e!r}") from None
+        yield where, {"vid": vid, "query": sentence, "relevant_windows": [span]}
 
 
 def read_nextgqa(csv_path: str | Path, video_root: str | Path | None = None) -> list[Sample]:
@@ -681,7 +765,7 @@ def read_nextgqa(csv_path: str | Path, video_root: str | Path | None = None) -> 
             raise DataError(f"{p}: expected a JSON object keyed by video id, got {type(d).__name__}")
     out: list[Sample] = []
     seen: dict[str, str] = {}
-    with open(csv_path, newline="", encoding="utf-8") as f:
+    with io.StringIO(read_text(csv_path), newline="") as f:  # a spreadsheet's BOM would rename column 1
         reader = csv.DictReader(f)
         missing = {"video_id", "qid", "question"} - set(reader.fieldnames or [])
         if missing:

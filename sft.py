@@ -43,6 +43,9 @@ trainer_state.json with the data position, written last: a checkpoint without it
 never resumed from), `metrics.jsonl` (one line per step), `config.json` (resolved flags + DeepSpeed
 config), `loss.png`. `--resume` continues from the latest complete checkpoint (and exits at once if
 the run has finished); killed and resumed, a run ends with the weights of an uninterrupted one.
+A step whose loss or gradient is NaN or inf on any rank is skipped by every rank (no update; logged as
+`bad_step`, counted in `bad_steps`); `--max-bad-steps` in a row stop the run. A checkpoint that cannot be
+written (a full disk) stops it with the checkpoint named; the last complete one is kept for --resume.
 """
 from __future__ import annotations
 
@@ -65,11 +68,11 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data import MAX_PIXELS, MIN_PIXELS, NFRAMES, DataError, Sample, build_inputs, format_answer, load_video, \
-    sample_from_dict
-from model import (check_shared_dir, dist_env, ds_config, freeze_vision, init_distributed, keep_steps_upto,
-                   latest_checkpoint, load_checkpoint, load_for_training, load_processor, print0, save_checkpoint,
-                   save_hf)
+from data import MAX_PIXELS, MIN_PIXELS, NFRAMES, DataError, Sample, build_inputs, file_lines, format_answer, \
+    json_line, load_video, sample_from_dict
+from model import (CheckpointError, check_shared_dir, dist_env, ds_config, freeze_vision, init_distributed,
+                   keep_steps_upto, latest_checkpoint, load_checkpoint, load_for_training, load_processor,
+                   optimizer_step, print0, save_checkpoint, save_hf)
 
 IGNORE = -100  # label of a token that carries no loss (cross_entropy's ignore_index)
 
@@ -93,6 +96,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--micro-batch", type=int, default=1, help="samples per forward on one rank")
     p.add_argument("--grad-clip", type=float, default=1.0, help="gradient norm clipping")
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    p.add_argument("--max-bad-steps", type=int, default=10, help="stop after this many steps in a row with a NaN "
+                   "or inf loss or gradient (each is skipped: no update, logged and counted)")
+    p.add_argument("--inject-nan", type=lambda v: [int(x) for x in v.split(",")], default=[],
+                   help=argparse.SUPPRESS)  # tests only: rank 0's loss is NaN at these steps (comma-separated)
     p.add_argument("--seed", type=int, default=0, help="seed of the data order and torch")
     p.add_argument("--freeze-vision", action="store_true", help="train the language model only: the vision "
                    "tower and its merger stay as loaded (the tiny preset's random ViT; see model.freeze_vision)")
@@ -119,6 +126,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "--world-size ranks, print the DeepSpeed config, load nothing, exit")
     p.add_argument("--world-size", type=int, default=None, help="with --dry-run: the planned number of ranks")
     a = p.parse_args(argv)
+    if a.max_bad_steps < 1:
+        p.error("--max-bad-steps must be >= 1")
     if a.bf16 is None:
         a.bf16 = torch.cuda.is_available()
     return a
@@ -135,38 +144,34 @@ class Example:
     target: str  # the assistant text: <think>{cot}</think> <time>[s, e]</time>
 
 
-def parse_example(line: str, where: str, root: Path) -> Example:
-    try:
-        d = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{where}: not valid JSON ({e.msg})") from None
+def parse_example(line: bytes, where: str, root: Path) -> Example:
+    d = json_line(line, where)
     where = f"{where} (sample {d.get('id', '?') if isinstance(d, dict) else '?'})"
-    s = sample_from_dict(d, where)
+    s = sample_from_dict(d, where)  # spans and answer: numbers, finite, start <= end
     if not os.path.isabs(s.video):  # relative to the JSONL's directory, as data.read_jsonl does
         s.video = str((root / s.video).resolve())
     if not (s.cot and s.cot.strip()):
         raise DataError(f"{where}: no `cot` (the teacher's reasoning): nothing to train on")
-    span = s.answer if s.answer is not None else s.spans[0]
-    if span[0] > span[1]:
-        raise DataError(f"{where}: span {span} starts after it ends")
     if not os.path.isfile(s.video):
         raise DataError(f"{where}: video not found: {s.video}")
-    return Example(s, where, format_answer(s.cot, span))
+    return Example(s, where, format_answer(s.cot, s.answer if s.answer is not None else s.spans[0]))
 
 
 def read_coldstart(path: str, skip_bad: bool) -> tuple[list[Example], list[str]]:
-    """All usable examples, and the error messages of the skipped ones (raises unless skip_bad)."""
-    good, bad = [], []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                good.append(parse_example(line, f"{path}:{lineno}", Path(path).resolve().parent))
-            except DataError as e:
-                if not skip_bad:
-                    raise
-                bad.append(str(e))
+    """All usable examples, and the error messages of the skipped ones (raises unless skip_bad). A line
+    whose id an earlier line has is bad too: the data fingerprint and the logs name samples by id."""
+    good, bad, seen = [], [], {}
+    for where, line in file_lines(path):
+        try:
+            ex = parse_example(line, where, Path(path).resolve().parent)
+            if ex.sample.id in seen:
+                raise DataError(f"{ex.where}: duplicate sample id (first at {seen[ex.sample.id]})")
+            seen[ex.sample.id] = ex.where
+            good.append(ex)
+        except DataError as e:
+            if not skip_bad:
+                raise
+            bad.append(str(e))
     if not good:
         raise DataError(f"{path}: no usable sample ({len(bad)} bad)")
     return good, bad
@@ -347,9 +352,11 @@ def main(argv=None) -> None:
     engine.train()
 
     epoch, index, step = 0, 0, 0  # data position: the epoch and the next sample of its order
+    bad_steps, bad_in_a_row = 0, 0  # steps skipped for a NaN or inf loss or gradient: in all, and the last run of them
     if ckpt:
         state = load_checkpoint(engine, ckpt)
         epoch, index, step = state["epoch"], state["index"], state["step"]
+        bad_steps, bad_in_a_row = state.get("bad_steps", 0), state.get("bad_in_a_row", 0)
         print0(f"resumed from {ckpt}: step {step}, epoch {epoch}, sample {index} of the epoch's order")
     metrics_path = os.path.join(out, "metrics.jsonl")
     if rank == 0:
@@ -360,7 +367,8 @@ def main(argv=None) -> None:
         keep_steps_upto(metrics_path, step)  # drop the steps a killed run logged after its checkpoint
 
     def checkpoint_state() -> dict:
-        return dict(run=run_key, epoch=epoch, index=index, config=dict(args=vars(args), deepspeed=cfg))
+        return dict(run=run_key, epoch=epoch, index=index, bad_steps=bad_steps, bad_in_a_row=bad_in_a_row,
+                    config=dict(args=vars(args), deepspeed=cfg))
 
     cache = {} if args.cache_videos else None
     bad_ids: set[str] = set()
@@ -396,6 +404,7 @@ def main(argv=None) -> None:
         t0 = time.time()
         # On the engine's device: NCCL reduces CUDA tensors only (gloo, on the CPU, takes either).
         stats = torch.zeros(4, dtype=torch.float64, device=device)  # loss sum, tokens, answer tokens, skipped videos
+        loss_finite = True
         for k in range(grad_accum):
             first = offset + k * args.micro_batch
             exs, videos = zip(*[load_at(order, first + i) for i in range(args.micro_batch)])
@@ -406,10 +415,18 @@ def main(argv=None) -> None:
             inputs = inputs.to(device)
             inputs["pixel_values_videos"] = inputs["pixel_values_videos"].to(dtype)
             loss = sft_loss(engine, inputs, labels)
+            if step + 1 in args.inject_nan and rank == 0:  # tests only: a bad step on one rank
+                loss = loss * float("nan")
+            loss_finite = loss_finite and math.isfinite(loss.item())
             engine.backward(loss)
-            engine.step()  # DeepSpeed applies the optimizer at the accumulation boundary only
             stats[:3] += torch.tensor([loss.item(), inputs["attention_mask"].sum().item(),
                                        (labels != IGNORE).sum().item()], dtype=torch.float64, device=device)
+            if k < grad_accum - 1:
+                engine.step()  # not the accumulation boundary: DeepSpeed only counts the micro-batch
+        # The boundary: the update, unless a loss or gradient of the step is NaN or inf on any rank. Then
+        # every rank skips it (no update, its gradients dropped; model.optimizer_step), and it is counted.
+        applied = optimizer_step(engine, loss_finite)
+        bad_steps, bad_in_a_row = bad_steps + (not applied), 0 if applied else bad_in_a_row + 1
         stats[3] = len(bad_ids)
         torch.distributed.all_reduce(stats)
         index += batch
@@ -418,14 +435,21 @@ def main(argv=None) -> None:
         eta = (time.time() - t_start) / (step - step0) * (total - step)
         row = dict(step=step, epoch=epoch, loss=stats[0].item() / (grad_accum * world), lr=lr,
                    tokens=int(stats[1]), answer_tokens=int(stats[2]), tok_per_s=stats[1].item() / dt,
-                   sec_per_step=dt, skipped=len(bad) + int(stats[3]))
+                   sec_per_step=dt, skipped=len(bad) + int(stats[3]), bad_step=not applied, bad_steps=bad_steps)
         if rank == 0:
             tqdm.write(f"step {step}/{total} | loss {row['loss']:.4f} | lr {lr:.1e} | tok/s {row['tok_per_s']:.0f} | "
                        f"{dt:.2f} s/step | ETA {timedelta(seconds=int(eta))}"
-                       + (f" | skipped {row['skipped']}" if row["skipped"] else ""))
+                       + (f" | skipped {row['skipped']}" if row["skipped"] else "")
+                       + ("" if applied else f" | NaN/inf loss or gradient: step skipped ({bad_in_a_row} in a row, "
+                                             f"{bad_steps} in all)"))
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
         bar.update(1)
+        if bad_in_a_row >= args.max_bad_steps:
+            fail(f"{bad_in_a_row} steps in a row (steps {step - bad_in_a_row + 1} to {step}) had a NaN or inf loss "
+                 f"or gradient; each was skipped, now the run stops (--max-bad-steps {args.max_bad_steps}). The "
+                 f"weights are those of step {step - bad_in_a_row}; the last checkpoint is "
+                 f"{latest_checkpoint(out) or '(none)'}. Look at the learning rate and at these steps' samples.")
         if step % save_every == 0 or step == total:
             save_checkpoint(engine, processor, out, step, checkpoint_state(), keep=args.keep_checkpoints)
     bar.close()
@@ -440,5 +464,5 @@ def main(argv=None) -> None:
 if __name__ == "__main__":
     try:
         main()
-    except DataError as e:  # bad input found mid-run: the message names the file:line and the sample
-        sys.exit(f"error: {e}")
+    except (DataError, CheckpointError) as e:  # bad input found mid-run (the message names the file:line and
+        sys.exit(f"error: {e}")                 # the sample), or a checkpoint that could not be written

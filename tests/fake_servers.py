@@ -8,8 +8,9 @@ One `ThreadingHTTPServer` on 127.0.0.1 (port 0) speaks both formats the real SDK
 
 A request is identified by its query: the last text part of the user turn, which is what
 annotate.py sends after the video. Per query the server counts requests and replies from a script:
-the scripted steps first (an HTTP error status, a slow reply, a reply held until released), then
-the default answer text.
+the scripted steps first (an HTTP error status, a slow reply, a reply held until released, or one of
+the ways a real server misbehaves: MALFORMED JSON, an EMPTY answer, an ERROR_BODY sent with status 200,
+a connection CUT mid-answer), then the default answer text.
 """
 from __future__ import annotations
 
@@ -19,19 +20,31 @@ import time
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+# Misbehaviours a script can hold (besides an HTTP status, ("sleep", s), ("hold", Event), ("echo_key", status)):
+MALFORMED = "malformed"  # 200 with a body that is not JSON (a proxy's cut-off or garbled reply)
+EMPTY = "empty"  # 200 with a well-formed reply whose answer text is empty
+ERROR_BODY = "error_body"  # 200 whose body is an error object, not a reply (some gateways do this)
+CUT = "cut"  # the headers announce the whole reply, half of it is sent, then the connection closes
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 128  # the default 5 refuses connections when many requests (and retries) come at once
+
 
 class FakeTeacher:
     def __init__(self):
         self.counts: Counter = Counter()  # query -> requests received (every attempt counts)
         self.answers: dict[str, str] = {}  # query -> reply text once its script is used up
-        self.script: dict[str, list] = {}  # query -> steps: 429/500, ("sleep", s), ("hold", Event), ("echo_key", 400)
+        self.script: dict[str, list] = {}  # query -> steps: 429/500, ("sleep", s), ("hold", Event), ("echo_key", 400),
+        #                                   MALFORMED, EMPTY, ERROR_BODY, CUT
         self.bodies: dict[str, list[dict]] = {}  # query -> request JSON bodies
+        self.times: dict[str, list[float]] = {}  # query -> when each request came (time.monotonic())
         self.headers: list[dict] = []  # every request's headers
         self.files: dict[str, bytes] = {}  # Files API: name -> uploaded bytes
         self.in_flight = self.max_in_flight = 0  # concurrent generate requests, now and at most
         self.lock = threading.Lock()
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
-        self.server.daemon_threads = True
+        self.server = _Server(("127.0.0.1", 0), _handler(self))
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
     @property
@@ -49,6 +62,7 @@ class FakeTeacher:
     def next_step(self, query: str):
         with self.lock:
             self.counts[query] += 1
+            self.times.setdefault(query, []).append(time.monotonic())
             steps = self.script.get(query)
             return steps.pop(0) if steps else None
 
@@ -81,8 +95,10 @@ def _handler(fake: FakeTeacher):
         def log_message(self, *args):  # keep the test output clean
             pass
 
-        def _send(self, status: int, payload: dict | None = None, headers: dict | None = None):
-            raw = json.dumps(payload).encode() if payload is not None else b""
+        def _send(self, status: int, payload: dict | None = None, headers: dict | None = None, raw: bytes | None = None,
+                  cut: bool = False):
+            if raw is None:
+                raw = json.dumps(payload).encode() if payload is not None else b""
             try:
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
@@ -90,7 +106,10 @@ def _handler(fake: FakeTeacher):
                 for k, v in (headers or {}).items():
                     self.send_header(k, v)
                 self.end_headers()
-                self.wfile.write(raw)
+                self.wfile.write(raw[:len(raw) // 2] if cut else raw)
+                if cut:  # the rest never comes: the client reads a short body, then EOF
+                    self.wfile.flush()
+                    self.close_connection = True
             except (BrokenPipeError, ConnectionResetError):  # the client timed out and left
                 pass
 
@@ -149,9 +168,14 @@ def _handler(fake: FakeTeacher):
                     time.sleep(step[1])
                 if isinstance(step, tuple) and step[0] == "hold":
                     step[1].wait(60)
+                if step == MALFORMED:
+                    return self._send(200, raw=b'{"choices": [{"index": 0, "message": {"role": "assist')
+                if step == ERROR_BODY:
+                    return self._send(200, {"error": {"message": "upstream overloaded, try again", "code": 503}})
                 time.sleep(0.05)  # a little latency, so concurrent requests really overlap
-                text = fake.answers.get(query, "no idea")
-                self._send(200, _openai_reply(text, body.get("model", "")) if kind == "openai" else _gemini_reply(text))
+                text = "" if step == EMPTY else fake.answers.get(query, "no idea")
+                reply = _openai_reply(text, body.get("model", "")) if kind == "openai" else _gemini_reply(text)
+                self._send(200, reply, cut=step == CUT)
             finally:
                 with fake.lock:
                     fake.in_flight -= 1
