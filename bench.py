@@ -1,6 +1,7 @@
-"""Benchmark: one GRPO step done the naive way and our way, on a model where the video matters.
+"""Benchmark: one GRPO step done the naive way and our way, on a model where the video matters; then
+eval.py's answers per query and grouped by video.
 
-    python bench.py      # 8.4M-parameter Qwen2.5-VL, 512 video tokens, G = 8 x 64 new tokens: ~60 s on 1 core
+    python bench.py      # 8.4M-parameter Qwen2.5-VL, 512 video tokens, G = 8 x 64 new tokens: ~2 minutes on 1 core
     python bench.py --threads 0 --repeats 5                  # torch's default threads, best of 5
 
 Naive (what several peer recipes do): the prompt is copied G times, so the video's pixels are repeated
@@ -20,15 +21,26 @@ samples, log-probs, loss and gradients, print the times (each part the fastest o
     speedup: naive / ours with the plain update (what sharing the rollout and the video gives)
     update speedup: the loss forward + backward, G prompt copies / packed (prompt ~10x the answer, G = 8)
     step speedup: naive / ours
+    taro step: a TaRO step at its costliest (grpo.py --taro at step 1: every rollout guided, so each
+               [prompt; caption prefix] is prefilled on its own; the bonus's two no-grad forwards; the
+               answers longer by their prefix) / ours
 The shape is the 7B's in proportion: the prompt is ~10x an answer, and the vision tower (128 wide, 2
 blocks) costs ~0.4 of the prompt's prefill, as the 7B's ViT does on 64 frames (2.2e13 vs 6.0e13 FLOPs);
 a heavier tower would make the unshareable video backward dominate the update. Measured on the 2-core
 development machine (1 thread), see README.md ("Running a stage by hand"). The rest of a real step
 (optimizer, reward) is the same in all three.
+
+Then eval.py's generation with the same weights (greedy, one query per generate call, answers of
+--new-tokens tokens, videos decoded inline: every second of work is on the clock) on a file of
+--queries-per-video queries about each of --eval-videos videos, answered per query (each query decodes
+its video, `generate` encodes it: `eval.py --no-group-videos`) and grouped by video (decoded and
+encoded once for all of its queries: eval.py's default). The answers are asserted identical, and:
+    eval speedup: per query / grouped
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import tempfile
 import time
@@ -36,8 +48,10 @@ import time
 import torch
 
 import data
+import eval as ev
 import grpo
 import model as M
+import predict
 
 
 def naive_rollout(model, processor, sample, video, G: int, gen_kwargs: dict, vkw: dict):
@@ -61,10 +75,45 @@ def naive_logprobs(model, batch, ids, mask, temperature: float, with_entropy: bo
     return (logp, -(logp_all.exp() * logp_all).sum(-1)) if with_entropy else logp
 
 
+def time_eval(model, processor, queries: list, gen_kwargs: dict, vkw: dict, group_videos: bool):
+    """eval.py's generation loop over `queries` (`ev.by_video` order), one query per generate call and no
+    decoding ahead -> (seconds, responses)."""
+    t0 = time.time()
+    texts = [t for _, batch in ev.answer_batches(model, processor, queries, gen_kwargs, 1, group_videos, 0, **vkw)
+             for t in batch]
+    return time.time() - t0, texts
+
+
 def gen_kwargs_for(model, processor, new_tokens: int, temperature: float = 1.0) -> dict:
     """grpo.py's sampling settings, with a fixed length so both paths decode the same number of steps."""
     kw = grpo.sampling_kwargs(model, processor.tokenizer, temperature, new_tokens)
     return dict(kw, min_new_tokens=new_tokens)
+
+
+def taro_step(policy, processor, sample, video, batch1, G: int, gen: dict, adv, vkw: dict) -> float:
+    """Seconds of one TaRO step as grpo.py --taro runs it at step 1 (p = 1): G guided rollouts, the
+    temporal drops (V and the shuffled V'), the update with the guided rows' loss."""
+    tok = processor.tokenizer
+    policy.zero_grad(set_to_none=True)
+    torch.manual_seed(0)
+    t0 = time.time()
+    prompt = grpo.prompt_inputs(batch1, 0)
+    draw = torch.Generator().manual_seed(0)
+    prefixes = [tok.encode(data.guided_prefix(sample.query, sample.captions, draw), add_special_tokens=False)
+                for _ in range(G)]
+    ids = M.generate_from_prefixes(policy, prompt, prefixes, gen, tok.pad_token_id,
+                                   max_len=max(map(len, prefixes)) + gen["max_new_tokens"])
+    mask = grpo.completion_mask(ids, grpo.stop_ids(policy, tok), tok.pad_token_id)
+    logprobs = functools.partial(grpo.sequence_logprobs, temperature=1.0, packed=True)
+    args = argparse.Namespace(tsr_radius=3.0)
+    grpo.temporal_drops(policy, processor, sample, video, prompt, ids, mask, [slice(0, G)], logprobs, args,
+                        torch.Generator().manual_seed(1), vkw)
+    logp, ent = grpo.sequence_logprobs(policy, prompt, ids, mask, 1.0, with_entropy=True)
+    guided = torch.ones(G, dtype=torch.bool)
+    loss, _ = grpo.grpo_loss(logp, logp.detach(), grpo.guided_advantages(adv, guided)[:, None], mask, entropy=ent,
+                             entropy_coef=1e-3, guided=guided)
+    loss.backward()
+    return time.time() - t0
 
 
 def main() -> None:
@@ -78,6 +127,8 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=64, help="tokens sampled per answer (fixed length)")
     ap.add_argument("--seed", type=int, default=0, help="sampling seed (the same for both paths)")
     ap.add_argument("--repeats", type=int, default=3, help="time each path this many times, keep the fastest")
+    ap.add_argument("--eval-videos", type=int, default=2, help="videos in the eval part's file")
+    ap.add_argument("--queries-per-video", type=int, default=5, help="queries about each of them (at most 5 colours)")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch's default). 1 by default: "
                     "on a shared 2-core machine oversubscribed OpenMP threads make timings swing 10x")
     a = ap.parse_args()
@@ -159,6 +210,32 @@ def main() -> None:
               f"packed {o[1]:.2f} s)")
         print(f"step speedup: {(n[0] + n[1]) / (o[0] + o[1]):.2f}x  (naive {n[0] + n[1]:.2f} s vs ours "
               f"{o[0] + o[1]:.2f} s)")
+
+        # --- TaRO (grpo.py --taro) at its costliest, the first step: every rollout guided (each [prompt;
+        #     prefix] prefilled on its own, the video encoded once), plus the bonus's two no-grad forwards.
+        taro = [taro_step(policy, processor, sample, video, batch1, G, gen, adv, vkw) for _ in range(a.repeats)]
+        t = min(taro)
+        print(f"taro step: {t / (o[0] + o[1]):.2f}x ours  (all {G} rollouts guided + the temporal-sensitivity "
+              f"forwards {t:.2f} s vs a plain GRPO step {o[0] + o[1]:.2f} s; answers carry their caption prefix)")
+
+        # --- Eval: the same weights, loaded as eval.py loads them (no packed-row attention)
+        data.synth(os.path.join(tmp, "e"), n_train=a.eval_videos, n_test=0, seed=1, events=a.queries_per_video)
+        queries = ev.by_video(data.read_jsonl(os.path.join(tmp, "e", "train.jsonl")))
+        evaluator = M.load_model(os.path.join(tmp, "m")).eval()
+        greedy = dict(predict.generation_kwargs(processor.tokenizer, a.new_tokens, 0.0), min_new_tokens=a.new_tokens)
+        time_eval(evaluator, processor, queries[:1], greedy, vkw, True)  # warm-up
+        evals = {False: [], True: []}
+        for _ in range(a.repeats):  # interleaved, as above
+            for group in (False, True):
+                evals[group].append(time_eval(evaluator, processor, queries, greedy, vkw, group))
+        per, grouped = (min(t for t, _ in evals[g]) for g in (False, True))
+        assert evals[False][-1][1] == evals[True][-1][1], "grouped answers differ from per-query answers"
+        q = len(queries)
+        print(f"eval of {q} queries about {a.eval_videos} videos, {a.new_tokens} new tokens each: per query "
+              f"{per:.2f} s ({per / q:.3f} s a query), grouped by video {grouped:.2f} s ({grouped / q:.3f} s a query); "
+              f"same answers: True")
+        print(f"eval speedup: {per / grouped:.2f}x  (per query {per:.2f} s vs grouped {grouped:.2f} s: each video "
+              f"decoded and encoded once for its {a.queries_per_video} queries)")
 
 if __name__ == "__main__":
     main()

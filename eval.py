@@ -7,7 +7,7 @@
     python eval.py --model runs/paper/grpo --format charades_sta \
                    --data assets/charades_sta/charades_sta_test.txt --video-root /data/charades/videos \
                    --durations /data/charades/durations.json --out runs/paper/eval/charades_sta
-    # 8 GPUs: the samples are sharded over the ranks (8x faster) and merged back in file order
+    # 8 GPUs: the videos are sharded over the ranks (8x faster), the answers merged back in file order
     torchrun --nproc_per_node 8 eval.py --model runs/paper/grpo --data test.jsonl --out runs/paper/eval/test
     # re-score any predictions file (ours, or another model's), with the paper's parser, reward.py's or TaRO's
     python eval.py score runs/paper/eval/charades_sta/predictions.jsonl [--parse official|strict|taro] [--json]
@@ -18,9 +18,19 @@ Outputs in --out: `predictions.jsonl` (one line per sample: id, source, query, r
 duration), `metrics.json` (percent, full precision), `cases.png` (like the paper's Figure 3: the best,
 the worst and a few random samples, their frames, true and predicted spans and the start of the
 reasoning; --cases) and, with --allow-missing, `missing_videos.txt`.
+Each video is decoded once and goes through the vision tower once for all of its queries (NExT-GQA
+asks 5,553 questions about 990 videos, Charades-STA 3,720 about 1,334): the videos, in order of first
+appearance, are dealt round-robin to the ranks and a rank answers a video's queries one after the
+other, the tower's output handed to `generate` in place of the pixels (`predict.generate_encoded`).
+The answers are identical to asking each query alone (`--no-group-videos`, the old way: every query
+decodes and encodes its video; bench.py compares the two): the same pixels give the same features,
+and each generate call sees the same inputs. That holds at the default --batch-size 1. More queries per
+call (from one video or the next) pad the shorter prompts on the left, which changes the order of
+floating-point sums and can flip a greedy near-tie, in either mode: faster on a GPU, not bit-identical.
 A killed run loses at most one batch: each rank appends to `predictions.rank{R}.jsonl` after every
-batch, and a re-run skips every id already answered. `eval_args.json` records the settings that shape
-the answers; a re-run with other settings into the same --out is refused instead of mixing answers.
+batch, and a re-run skips every id already answered (a video answered in part is decoded again for the
+rest). `eval_args.json` records the settings that shape the answers; a re-run with other settings into
+the same --out is refused instead of mixing answers.
 
 Scoring protocols (`--parse`):
 * official (default): the released scorer of the paper, VideoMind's eval_auto.py in the TVG-R1 repo as
@@ -67,7 +77,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import reward
-from data import DataError, read_jsonl, write_jsonl
+from data import DataError, drop_torn_tail, json_lines, read_jsonl, read_text, write_jsonl
 
 PARSERS = ("official", "official-0724", "strict", "taro")  # see "Scoring protocols" above
 PARSE_HELP = ("official: the paper's released scorer (default); official-0724: its first release (Charades-STA: "
@@ -94,6 +104,8 @@ class Prediction:
 def _number(x, where: str, what: str) -> float:
     if isinstance(x, bool) or not isinstance(x, (int, float)):
         raise DataError(f"{where}: {what} must be a number, got {x!r}")
+    if not math.isfinite(x):  # a NaN would make every IoU with it NaN, and the metrics with them
+        raise DataError(f"{where}: {what} must be finite, got {x!r}")
     return float(x)
 
 
@@ -138,25 +150,25 @@ def prediction_from_dict(d, where: str) -> Prediction:
 
 
 def read_predictions(path: str | Path) -> list[Prediction]:
-    """A JSONL file (one prediction per line), or a JSON list (e.g. VideoMind's output.json)."""
+    """A JSONL file (one prediction per line), or a JSON list (e.g. VideoMind's output.json). An id
+    may appear once: a sample counted twice would change every metric."""
     path = Path(path)
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path)  # a BOM is dropped; bytes that are not UTF-8 are named by their line
     if text.lstrip().startswith("["):
         try:
             items = json.loads(text)
         except json.JSONDecodeError as e:
             raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
-        out = [prediction_from_dict(d, f"{path}: item {i}") for i, d in enumerate(items)]
+        records = [(f"{path}: item {i}", d) for i, d in enumerate(items)]
     else:
-        out = []
-        for i, line in enumerate(text.split("\n"), 1):
-            if not line.strip():
-                continue
-            try:
-                d = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{i}: not valid JSON ({e.msg})") from None
-            out.append(prediction_from_dict(d, f"{path}:{i}"))
+        records = list(json_lines(path))
+    out, seen = [], {}
+    for where, d in records:
+        p = prediction_from_dict(d, where)
+        if p.id in seen:
+            raise DataError(f"{where}: id {p.id!r} appears again (first at {seen[p.id]})")
+        seen[p.id] = where
+        out.append(p)
     if not out:
         raise DataError(f"{path}: no predictions in the file")
     return out
@@ -296,49 +308,71 @@ def baseline_main(argv: list[str]) -> None:
 
 def read_done(out: Path) -> dict[str, dict]:
     """Finished answers from earlier or interrupted runs: predictions.jsonl, then any rank files.
-    A rank file's last line may be half-written (killed mid-write): it is ignored, not an error."""
+    A rank file's last line without its newline was cut short by a kill (even if what was written
+    parses: the buffered write may stop right before the newline): it is not an answer, and its rank
+    drops it before appending (_trim_partial_line), so it is asked again."""
     done: dict[str, dict] = {}
     for path in [out / "predictions.jsonl", *sorted(out.glob("predictions.rank*.jsonl"))]:
-        if not path.exists():
-            continue
-        lines = path.read_text(encoding="utf-8").split("\n")
-        for i, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                d = json.loads(line)
-            except json.JSONDecodeError as e:
-                if i == len(lines):  # no newline after it: a write cut short
-                    continue
-                raise DataError(f"{path}:{i}: not valid JSON ({e.msg})") from None
-            done.setdefault(prediction_from_dict(d, f"{path}:{i}").id, d)
+        if path.exists():
+            for where, d in json_lines(path, complete_only=True):
+                done.setdefault(prediction_from_dict(d, where).id, d)
     return done
 
 
 def _trim_partial_line(path: Path) -> None:
     """Drop a half-written last line so the next append starts on a line of its own."""
-    if path.exists():
-        raw = path.read_bytes()
-        if raw and not raw.endswith(b"\n"):
-            with open(path, "r+b") as f:
-                f.truncate(raw.rfind(b"\n") + 1)
+    drop_torn_tail(path)
 
 
-def prefetched_batches(samples: list, batch_size: int, load, workers: int):
+def prefetched_batches(samples: list, batch_size: int, load, workers: int, key=lambda s: s.id):
     """Yield (batch, videos) while the next batch's videos decode in threads: video decoding would
-    otherwise leave the GPU idle. Only two batches of frames are held in memory."""
+    otherwise leave the GPU idle (workers 0: no decoding ahead). Samples with the same `key` share one
+    decode, also across two batches (eval's key is the video path: a video's queries come one after the
+    other). Only the frames of two batches are held in memory."""
     chunks = [samples[i:i + batch_size] for i in range(0, len(samples), batch_size)]
-    if workers <= 0:
-        for chunk in chunks:
-            yield chunk, [load(s) for s in chunk]
-        return
-    with ThreadPoolExecutor(workers) as ex:
-        nxt = [ex.submit(load, s) for s in chunks[0]] if chunks else []
+    ahead = 1 if workers > 0 else 0
+    held = {}  # key -> Future of its decoded video, for this batch and the `ahead` next ones
+    with ThreadPoolExecutor(max(1, workers)) as ex:
         for i, chunk in enumerate(chunks):
-            cur = nxt
-            if i + 1 < len(chunks):
-                nxt = [ex.submit(load, s) for s in chunks[i + 1]]
-            yield chunk, [f.result() for f in cur]
+            wanted = [s for c in chunks[i:i + 1 + ahead] for s in c]
+            held = {key(s): held.get(key(s)) for s in wanted}  # the frames of finished videos are let go
+            for s in wanted:
+                if held[key(s)] is None:
+                    held[key(s)] = ex.submit(load, s)
+            yield chunk, [held[key(s)].result() for s in chunk]
+
+
+def by_video(samples: list, rank: int = 0, world: int = 1) -> list:
+    """This rank's samples, whole videos at a time: the videos, in order of first appearance, are dealt
+    round-robin (all queries of a video on one rank, the same deal in every run), and a video's queries
+    follow one another in file order."""
+    order: dict[str, int] = {}
+    for s in samples:
+        order.setdefault(s.video, len(order))
+    return sorted((s for s in samples if order[s.video] % world == rank), key=lambda s: order[s.video])
+
+
+def answer_batches(model, processor, todo: list, gen_kwargs: dict, batch_size: int, group_videos: bool,
+                   workers: int, nframes: int, max_pixels: int, min_pixels: int):
+    """Yield (batch, responses), `batch_size` queries per generate call, in the order of `todo` (`by_video`).
+    group_videos: a video's queries share one decode and one pass of the vision tower; else every query
+    decodes its video and `generate` encodes it again from the pixels (the old way, for comparison)."""
+    import torch
+    import data
+    import predict
+    vkw = dict(nframes=nframes, max_pixels=max_pixels, min_pixels=min_pixels)
+    encoded = {}  # video path -> the vision tower's output, while the video's queries last
+    key = (lambda s: s.video) if group_videos else (lambda s: s.id)
+    for batch, videos in prefetched_batches(todo, batch_size, lambda s: data.load_video(s, **vkw), workers, key):
+        if group_videos:
+            now = {s.video for s in batch}
+            encoded = {v: f for v, f in encoded.items() if v in now}  # a video not in this batch is finished
+            new = predict.generate_encoded(model, processor, batch, videos, encoded, gen_kwargs, **vkw)
+        else:
+            inputs = data.build_inputs(processor, batch, videos, padding_side="left", **vkw).to(model.device)
+            with torch.inference_mode():
+                new = model.generate(**inputs, **gen_kwargs)[:, inputs["input_ids"].shape[1]:]  # (B, new)
+        yield batch, processor.batch_decode(new, skip_special_tokens=True)
 
 
 def load_samples(a) -> list:
@@ -422,7 +456,12 @@ def eval_main(argv: list[str]) -> None:
     ap.add_argument("--max-pixels", type=int, default=None, help="max pixels per frame (default: 128*28*28)")
     ap.add_argument("--min-pixels", type=int, default=None, help="min pixels per frame (default: data.MIN_PIXELS)")
     # --- generation
-    ap.add_argument("--batch-size", type=int, default=4, help="samples per generate call, per rank")
+    ap.add_argument("--batch-size", type=int, default=1,
+                    help="queries per generate call, per rank. 1: every answer exactly as if asked alone; more "
+                         "left-pads the prompts, faster on a GPU but can flip a greedy near-tie")
+    ap.add_argument("--group-videos", action=argparse.BooleanOptionalAction, default=True,
+                    help="decode and encode each video once for all of its queries (the same answers); "
+                         "--no-group-videos: once per query, the old way (for comparison)")
     ap.add_argument("--max-new-tokens", type=int, default=2048, help="answer length cap (the paper: 2048)")
     ap.add_argument("--dtype", choices=("auto", "bfloat16", "float32"), default="auto",
                     help="auto: bfloat16 on GPU, float32 on CPU")
@@ -485,15 +524,18 @@ def eval_main(argv: list[str]) -> None:
         elif (out / "missing_videos.txt").exists():
             (out / "missing_videos.txt").unlink()
     skip = {s.id for s in missing}
-    todo = [s for s in samples[rank::world] if s.id not in done and s.id not in skip]
-    print0(f"{len(samples)} samples in {a.data}: {sum(s.id in done for s in samples)} already answered in {out}, "
-           f"{len(missing)} missing videos skipped; generating on {world} rank(s)")
+    todo = [s for s in by_video(samples, rank, world) if s.id not in done and s.id not in skip]
+    how = "each video decoded and encoded once for its queries" if a.group_videos else "each query on its own"
+    print0(f"{len(samples)} samples about {len({s.video for s in samples})} videos in {a.data}: "
+           f"{sum(s.id in done for s in samples)} already answered in {out}, {len(missing)} missing videos skipped; "
+           f"generating on {world} rank(s), {how}")
 
     # --- Setup: device, process group, model
     import torch
     import torch.distributed as dist
     from tqdm import tqdm
-    from model import load_model, load_processor, suppress_ids
+    from model import load_model, load_processor
+    from predict import generation_kwargs
 
     device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
@@ -508,24 +550,16 @@ def eval_main(argv: list[str]) -> None:
              "bfloat16": torch.bfloat16, "float32": torch.float32}[a.dtype]
     processor = load_processor(a.model)
     model = load_model(a.model, dtype).to(device).eval()
-    gen_kwargs = dict(do_sample=False, max_new_tokens=a.max_new_tokens, repetition_penalty=1.0,
-                      temperature=None, top_p=None, top_k=None,  # greedy: silence the checkpoint's sampling flags
-                      suppress_tokens=suppress_ids(processor.tokenizer))
+    # greedy, no repetition penalty: the checkpoint's sampling flags silenced (predict.py decodes alike)
+    gen_kwargs = generation_kwargs(processor.tokenizer, a.max_new_tokens, temperature=0.0)
 
     # --- The loop: append each finished batch to this rank's file, flushed, so a kill loses one batch
-    def load(s):
-        return data.load_video(s, a.nframes, a.max_pixels, a.min_pixels)
-
     rank_file = out / f"predictions.rank{rank}.jsonl"
     _trim_partial_line(rank_file)
     bar = tqdm(total=len(todo), desc=f"eval (rank 0 of {world})", disable=rank != 0 or not todo)
     with open(rank_file, "a", encoding="utf-8") as f:
-        for batch, videos in prefetched_batches(todo, a.batch_size, load, a.workers):
-            inputs = data.build_inputs(processor, batch, videos, nframes=a.nframes, max_pixels=a.max_pixels,
-                                       min_pixels=a.min_pixels, padding_side="left").to(device)
-            with torch.inference_mode():
-                seqs = model.generate(**inputs, **gen_kwargs)  # (B, prompt + new), prompts left-padded
-            texts = processor.batch_decode(seqs[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+        for batch, texts in answer_batches(model, processor, todo, gen_kwargs, a.batch_size, a.group_videos,
+                                           a.workers, a.nframes, a.max_pixels, a.min_pixels):
             for s, text in zip(batch, texts):
                 f.write(json.dumps({"id": s.id, "source": s.source, "query": s.query, "response": text,
                                     "gt": s.spans, "duration": s.duration}, ensure_ascii=False) + "\n")

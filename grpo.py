@@ -44,6 +44,29 @@ Where we are explicit about choices the paper's formula leaves open (or where we
   log-probs use the sampling temperature.
 * AdamW, constant learning rate, gradient clipping 1.0.
 
+TaRO (seed 002, "Temporal-Aware Reasoning Optimization"), three parts on top of the above, `--taro`
+for all of them with TaRO's released constants, or each with its own flags:
+* Guided rollouts (--guided-steps, --guided-p0). A rollout is guided with probability p(step), drawn
+  per rollout (a group may mix both), p decaying linearly from p0 = 1 to 0 over --guided-steps steps
+  (--taro: one epoch of the RL set). A guided rollout continues from `<think>\nI need to find the
+  specific moment {query}.\n` + a random non-empty, time-ordered subset of the sample's dense captions
+  with their times (data.guided_prefix; no ground truth); the prefix counts as completion in the loss.
+  Guided rollouts are off-policy: after the group's normalisation A = max(A, 0), and their loss is
+  -A * log pi with no ratio and no clip (TaRO's released "mask" mode). A guided row is generated from
+  its own [prompt; prefix] (model.generate_from_prefixes: the video encoded once, each row prefilled),
+  and an answer is cut at --max-new-tokens counting its prefix.
+* Temporal-sensitivity reward (--tsr-alpha, --tsr-radius, --tsr-iou-min, --tsr-margin). For each
+  rollout, d_i = the token mean over its completion of log pi(y|V) - log pi(y|V'), V' the video with
+  the frames within r s of the GT start shuffled among themselves and likewise around the end; bonus
+  alpha when d_i > the group's mean d + margin and the rollout's IoU >= 0.7, added to our reward.
+  Computed by the policy at rollout time (no reference model) in two no-grad forwards per group (the
+  first is also pi_old); per rollout for any G, with ONE V' per group (temporal_drops).
+* --iou-reward taro: TaRO's training IoU, IoU * (1 - |ds|/D) * (1 - |de|/D) (reward.taro_iou_reward).
+Where TaRO's released code (oceanflowlab/TaRO @ 143a234) differs, we follow the method as described:
+its bonus is shared by a whole group (all rollouts hold one dict: the last rollout's drop), G = 8 is
+hard-coded, each rollout gets its own V', its curriculum is a hard switch after the first epoch (the
+smooth schedule exists behind a flag left off), and a long prefix can push the answer past the limit.
+
 What is shared across the G samples of a prompt (STACK.md, measured; `bench.py` times it): the video
 is decoded and run through the vision encoder ONCE per prompt, the prompt is prefilled once and its KV
 cache repeated G times for generation, and the training forward runs the prompt (video included) ONCE
@@ -82,6 +105,7 @@ import contextlib
 import datetime
 import functools
 import json
+import math
 import os
 import random
 import sys
@@ -91,9 +115,10 @@ from dataclasses import dataclass
 import torch
 
 import data
-from model import (check_shared_dir, completion_logprobs, dist_env, ds_config, freeze_vision, init_distributed,
-                   keep_steps_upto, latest_checkpoint, load_checkpoint, load_for_training, load_processor, print0,
-                   save_checkpoint, save_hf, suppress_ids, use_prefix_attention)
+from model import (check_shared_dir, completion_logprobs, dist_env, ds_config, freeze_vision, generate_from_prefixes,
+                   generate_shared, init_distributed, keep_steps_upto, latest_checkpoint, load_checkpoint,
+                   load_for_training, load_processor, optimizer_step, print0, prompt_inputs, save_checkpoint, save_hf,
+                   suppress_ids, to_device, use_prefix_attention)
 import reward
 
 # -----------------------------------------------------------------------------
@@ -194,7 +219,7 @@ class Rollout:
     completion_ids: list[int]  # up to and including the first EOS
     text: str
     reward: float
-    parts: dict  # iou, format, span (reward.tvg_reward's parts)
+    parts: dict  # iou, format, span (reward.tvg_reward's parts); with TaRO also guided, drop, bonus
 
 
 @dataclass
@@ -205,6 +230,7 @@ class Group:
     mask: torch.Tensor  # (G, Lc) completion_mask
     adv: torch.Tensor  # (G,)
     keep: bool = True  # False: dropped by --drop-uniform-groups
+    guided: torch.Tensor | None = None  # (G,) bool: TaRO's guided rollouts (their loss: -A log pi, no ratio)
     old_logp: torch.Tensor | None = None  # (G, Lc) pi_old; None when it equals the current policy
     ref_logp: torch.Tensor | None = None  # (G, Lc) only with beta > 0
 
@@ -219,6 +245,14 @@ class StepResult:
 def tvg(sample: data.Sample, text: str, ids: list[int]) -> tuple[float, dict]:
     """The paper's reward, against the sample's ORIGINAL ground-truth spans."""
     return reward.tvg_reward(text, sample.spans, sample.duration)
+
+
+def tvg_taro_iou(sample: data.Sample, text: str, ids: list[int]) -> tuple[float, dict]:
+    """--iou-reward taro: 0.9 * TaRO's boundary-weighted IoU + 0.1 * format. parts["iou"] stays the
+    plain IoU (the logs and the temporal-sensitivity bonus's IoU gate read it)."""
+    r, parts = reward.tvg_reward(text, sample.spans, sample.duration)
+    parts["iou_reward"] = reward.taro_iou_reward(parts["span"], sample.spans, sample.duration)
+    return 0.9 * parts["iou_reward"] + 0.1 * parts["format"], parts
 
 
 # -----------------------------------------------------------------------------
@@ -247,6 +281,19 @@ def parse_args(argv=None):
     p.add_argument("--grad-clip", type=float, default=1.0, help="gradient norm clipping")
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
     p.add_argument("--freeze-vision", action="store_true", help="update the language model only (as sft.py)")
+    # TaRO (seed 002): three parts on top of GRPO, each its own flag; --taro sets TaRO's defaults
+    p.add_argument("--taro", action="store_true", help="TaRO: guided rollouts decaying over one epoch, the "
+                   "temporal-sensitivity bonus (alpha 0.3, radius 3 s, IoU >= 0.7); see the docstring")
+    p.add_argument("--guided-steps", type=int, default=None, help="steps over which the chance of a guided "
+                   "rollout decays linearly from --guided-p0 to 0 (default: one epoch with --taro, else 0: none)")
+    p.add_argument("--guided-p0", type=float, default=1.0, help="chance that a rollout is guided at step 1")
+    p.add_argument("--tsr-alpha", type=float, default=None, help="temporal-sensitivity bonus (default: 0.3 with "
+                   "--taro, else 0: not computed)")
+    p.add_argument("--tsr-radius", type=float, default=3.0, help="seconds around each GT boundary whose frames are shuffled")
+    p.add_argument("--tsr-iou-min", type=float, default=0.7, help="the bonus goes only to rollouts with IoU >= this")
+    p.add_argument("--tsr-margin", type=float, default=0.0, help="the bonus needs a drop above the group's mean + this")
+    p.add_argument("--iou-reward", choices=["iou", "taro"], default="iou", help="the reward's IoU term: plain IoU "
+                   "(the paper's), or TaRO's IoU * (1 - |ds|/D) * (1 - |de|/D)")
     # rollouts
     p.add_argument("--max-new-tokens", type=int, default=2048, help="longest answer sampled")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (also used for log-probs)")
@@ -271,48 +318,34 @@ def parse_args(argv=None):
     p.add_argument("--log-rollouts", type=int, default=2, help="sampled answers per step written to rollouts.jsonl")
     p.add_argument("--skip-bad", action="store_true", help="replace a prompt whose video does not decode by the "
                    "next readable sample (logged and counted) instead of stopping every rank")
+    p.add_argument("--max-bad-steps", type=int, default=10, help="stop after this many steps in a row with a NaN "
+                   "or inf loss or gradient (each update is skipped, logged and counted)")
+    p.add_argument("--inject-nan", type=lambda v: [int(x) for x in v.split(",")], default=[],
+                   help=argparse.SUPPRESS)  # tests only: rank 0's loss is NaN at these steps (comma-separated)
     p.add_argument("--seed", type=int, default=0, help="seed of the data order and of sampling (plus the rank)")
+    p.add_argument("--track-weights", action="store_true", help="log how far the weights moved from --model each "
+                   "step (keeps a copy of them; not under ZeRO-3, whose weights are partitioned)")
     p.add_argument("--dry-run", action="store_true", help="check the flags and the batch arithmetic for "
                    "--world-size ranks, print the DeepSpeed config, load nothing, exit")
     p.add_argument("--world-size", type=int, default=None, help="with --dry-run: the planned number of ranks")
     args = p.parse_args(argv)
     if args.update_chunk < 0:
         p.error("--update-chunk must be >= 0")
+    if args.track_weights and args.zero_stage == 3:
+        p.error("--track-weights needs whole weights on every rank: not with --zero-stage 3")
+    if args.max_bad_steps < 1:
+        p.error("--max-bad-steps must be >= 1")
+    if args.tsr_alpha is None:
+        args.tsr_alpha = 0.3 if args.taro else 0.0
+    if args.guided_steps is None and not args.taro:
+        args.guided_steps = 0  # with --taro, main() sets one epoch once it knows the data's size
+    if not 0.0 <= args.guided_p0 <= 1.0 or args.tsr_alpha < 0 or args.tsr_radius <= 0:
+        p.error("--guided-p0 must be in [0, 1], --tsr-alpha >= 0 and --tsr-radius > 0")
     return args
 
 
 # -----------------------------------------------------------------------------
-# Model forwards: the shared rollout and the per-token log-probs
-
-
-def prompt_inputs(batch, i: int) -> dict:
-    """Prompt i of a left-padded build_inputs batch, padding removed (one video per prompt)."""
-    keep = batch["attention_mask"][i].bool()
-    patches = batch["video_grid_thw"].prod(-1)  # rows of pixel_values_videos per video
-    start = int(patches[:i].sum())
-    return {"input_ids": batch["input_ids"][i, keep][None],
-            "mm_token_type_ids": batch["mm_token_type_ids"][i, keep][None],
-            "pixel_values_videos": batch["pixel_values_videos"][start:start + int(patches[i])],
-            "video_grid_thw": batch["video_grid_thw"][i:i + 1],
-            "second_per_grid_ts": batch["second_per_grid_ts"][i:i + 1]}
-
-
-@torch.no_grad()
-def generate_shared(model, batch, G: int, gen_kwargs: dict) -> torch.Tensor:
-    """Sample G answers for each prompt of a left-padded batch: (P * G, Lc) new ids, grouped by prompt.
-    The vision encoder and the prompt prefill run once per prompt; the KV cache is repeated G times."""
-    out = model(**batch, use_cache=True, logits_to_keep=1)  # (P, ...) prefill, video encoded once
-    cache = out.past_key_values
-    cache.batch_repeat_interleave(G)
-    cache.crop(-1)  # generate must see one uncached token to produce the first logits
-    # Continuing from a cache, generate places new tokens at (token index + model.model.rope_deltas).
-    # The prefill set rope_deltas (P, 1) from the prompt's real positions (model.get_rope_index: the
-    # text resumes after the video's last position); the G copies of a prompt share it.
-    model.model.rope_deltas = model.model.rope_deltas.repeat_interleave(G, 0)  # (P * G, 1)
-    ids = batch["input_ids"].repeat_interleave(G, 0)
-    seqs = model.generate(input_ids=ids, attention_mask=batch["attention_mask"].repeat_interleave(G, 0),
-                          past_key_values=cache, **gen_kwargs)
-    return seqs[:, ids.shape[1]:]
+# Model forwards: per-token log-probs and TaRO's temporal drops (the plumbing: model.py)
 
 
 def sequence_logprobs(model, prompt: dict, ids, mask, temperature: float, suppress=None, with_entropy=False,
@@ -323,6 +356,23 @@ def sequence_logprobs(model, prompt: dict, ids, mask, temperature: float, suppre
     is exactly the sampling distribution. `forward` runs the model (the DeepSpeed engine when
     training; default: the model). The plumbing is model.completion_logprobs."""
     return completion_logprobs(model, prompt, ids, mask, temperature, suppress, with_entropy, packed, forward)
+
+
+def temporal_drops(policy, processor, sample, video, prompt, ids, mask, parts, logprobs, args, generator, vkw):
+    """TaRO's temporal sensitivity of a group's G rollouts, by the policy as it is at rollout time (no
+    reference model): d_i = the token mean, over rollout i's whole completion (a guided prefix
+    included), of log pi(y_t | V) - log pi(y_t | V'), where V' is the video with the frames within
+    --tsr-radius s of the (first) GT span's start shuffled among themselves, and likewise around its
+    end (data.shuffle_boundary_frames). ONE V' per group, so the bonus's threshold (the group's mean d)
+    compares drops measured on the same video; TaRO draws one per rollout. Two no-grad forwards of the
+    group (V, and V' encoded once). Returns (log pi(y | V) (G, Lc): pi_old as well, the G drops)."""
+    frames, meta = video
+    shuffled = data.shuffle_boundary_frames(frames, data.frame_times(meta), sample.spans[0], args.tsr_radius, generator)
+    perturbed = prompt_inputs(to_device(data.build_inputs(processor, [sample], [(shuffled, meta)], **vkw), ids.device), 0)
+    with torch.no_grad():
+        lp = torch.cat([logprobs(policy, prompt, ids[s], mask[s])[0] for s in parts])
+        lp_v = torch.cat([logprobs(policy, perturbed, ids[s], mask[s])[0] for s in parts])
+    return lp, (((lp - lp_v) * mask).sum(1) / mask.sum(1).clamp(min=1)).tolist()
 
 
 def stop_ids(model, tokenizer) -> list[int]:
@@ -343,17 +393,15 @@ def sampling_kwargs(model, tokenizer, temperature: float, max_new_tokens: int, s
                 synced_gpus=synced_gpus)
 
 
-def _to(d: dict, device) -> dict:
-    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in d.items()}
-
-
 # -----------------------------------------------------------------------------
 # One GRPO step: rollout -> reward -> advantages -> update
 
 
-def grpo_step(engine, ref, processor, samples: list[data.Sample], args, reward_fn=tvg, videos=None) -> StepResult:
+def grpo_step(engine, ref, processor, samples: list[data.Sample], args, reward_fn=None, videos=None,
+              step: int = 1) -> StepResult:
     """One rollout batch on this rank (`samples`: its prompts) and the updates on it. `videos`: the
-    prompts' decoded videos (load_prompts); decoded here when None."""
+    prompts' decoded videos (load_prompts); decoded here when None. `step` (1-based) sets TaRO's
+    curriculum and seeds its draws. `reward_fn` defaults to the paper's reward (or --iou-reward's)."""
     import torch.distributed as dist
     policy, G, dev = engine.module, args.group_size, engine.device
     world = dist.get_world_size()
@@ -361,7 +409,20 @@ def grpo_step(engine, ref, processor, samples: list[data.Sample], args, reward_f
     eos, never = stop_ids(policy, tok), suppress_ids(tok)
     gen_kwargs = sampling_kwargs(policy, tok, args.temperature, args.max_new_tokens, synced_gpus=world > 1)
     vkw = dict(nframes=args.nframes, max_pixels=args.max_pixels, min_pixels=args.min_pixels)
+    reward_fn = reward_fn or (tvg_taro_iou if args.iou_reward == "taro" else tvg)
+    rank = dist.get_rank()
     t0 = time.time()
+
+    # TaRO's guided rollouts: each rollout is guided with probability p(step), drawn per rollout, so a
+    # group may mix guided and free ones; a guided one continues from a prefix of the sample's dense
+    # captions (data.guided_prefix). Seeded by (seed, step, rank): a resumed run draws the same.
+    p_guided = guided_probability(step, args.guided_steps, args.guided_p0)
+    draw = torch.Generator().manual_seed(args.seed * 1_000_003 + step * 1_009 + rank)
+    prefixes = [[[] for _ in range(G)] for _ in samples]  # token ids of each rollout's given start
+    for i, s in enumerate(samples):
+        for g in range(G):
+            if s.captions and torch.rand((), generator=draw) < p_guided:
+                prefixes[i][g] = tok.encode(data.guided_prefix(s.query, s.captions, draw), add_special_tokens=False)
 
     # 1. Rollout: each video decoded once, encoded once, prompt prefilled once per group.
     policy.eval()  # also turns activation checkpointing off, which would disable the KV cache
@@ -377,43 +438,64 @@ def grpo_step(engine, ref, processor, samples: list[data.Sample], args, reward_f
         gather = unwrap_model_for_generation(engine)
     prompts, completions = [], []
     with gather:
-        step = args.gen_batch or len(samples)
-        for a in range(0, len(samples), step):
-            batch = _to(data.build_inputs(processor, samples[a:a + step], videos[a:a + step], **vkw), dev)
-            new = generate_shared(policy, batch, G, gen_kwargs).cpu()
-            for j in range(len(samples[a:a + step])):
+        chunk = args.gen_batch or len(samples)
+        for a in range(0, len(samples), chunk):
+            batch = to_device(data.build_inputs(processor, samples[a:a + chunk], videos[a:a + chunk], **vkw), dev)
+            if p_guided == 0:  # the same on every rank, so every rank makes the same generate calls
+                new = generate_shared(policy, batch, G, gen_kwargs).cpu()
+            for j in range(len(samples[a:a + chunk])):
                 prompts.append(prompt_inputs(batch, j))
-                completions.append(new[j * G:(j + 1) * G])
+                completions.append(new[j * G:(j + 1) * G] if p_guided == 0 else generate_from_prefixes(
+                    policy, prompts[-1], prefixes[a + j], gen_kwargs, tok.pad_token_id, args.max_new_tokens).cpu())
     t1 = time.time()
 
-    # 2. Reward, against the original ground truth.
-    rollouts, groups = [], []
-    for i, (s, ids) in enumerate(zip(samples, completions)):
-        mask = completion_mask(ids, eos, tok.pad_token_id)
-        rs = []
-        for g in range(G):
-            kept = ids[g, :int(mask[g].sum())].tolist()
-            text = tok.decode(kept, skip_special_tokens=True)
-            r, parts = reward_fn(s, text, kept)
-            rs.append(r)
-            rollouts.append(Rollout(s.id, i, kept, text, r, parts))
-        length = int(mask.sum(1).max())  # trim the batch's padding to this group's longest answer
-        adv = group_advantages(torch.tensor([rs]))[0].float()
-        groups.append(Group(prompts[i], ids[:, :length].to(dev), mask[:, :length].to(dev), adv.to(dev),
-                            keep=not (args.drop_uniform_groups and max(rs) == min(rs))))
-    t2 = time.time()
-
-    # 3. pi_old (and pi_ref) log-probs, once, before any update -- only when they are needed. Dropped
-    #    groups too: under ZeRO-3 every rank must run the same number of forwards.
-    #    They take the update's forwards (same completions per forward), so pi / pi_old starts at exactly 1.
+    # 2. Reward, against the original ground truth; TaRO's bonus; advantages within each group.
     mini = (args.mini_batch or args.prompts_per_step) // world  # prompts per optimizer step on this rank
-    off_policy = args.mu > 1 or mini < len(groups)
+    off_policy = args.mu > 1 or mini < len(samples)
     parts = [slice(a, a + (args.update_chunk or G)) for a in range(0, G, args.update_chunk or G)]
     logprobs = functools.partial(sequence_logprobs, temperature=args.temperature, suppress=never,
                                  packed=args.update == "packed")
+    rollouts, groups, signal = [], [], {"uniform": 0, "spread": 0.0, "distinct": 0}
+    for i, (s, ids) in enumerate(zip(samples, completions)):
+        mask = completion_mask(ids, eos, tok.pad_token_id)
+        length = int(mask.sum(1).max())  # trim the batch's padding to this group's longest answer
+        ids, mask = ids[:, :length].to(dev), mask[:, :length].to(dev)
+        rs, group = [], []
+        for g in range(G):
+            kept = ids[g, :int(mask[g].sum())].tolist()
+            text = tok.decode(kept, skip_special_tokens=True)
+            r, info = reward_fn(s, text, kept)
+            rs.append(r)
+            group.append(Rollout(s.id, i, kept, text, r, dict(info, guided=bool(prefixes[i][g]))))
+        old = None
+        if args.tsr_alpha > 0:  # every group, on every rank: ZeRO-3 forwards are collective
+            old, drops = temporal_drops(policy, processor, s, videos[i], prompts[i], ids, mask, parts, logprobs,
+                                        args, torch.Generator().manual_seed(args.seed * 1_000_003 + step * 1_009
+                                                                            + rank * 101 + i), vkw)
+            bonus = reward.temporal_sensitivity_bonus(drops, [x.parts["iou"] for x in group], args.tsr_alpha,
+                                                      args.tsr_iou_min, args.tsr_margin)
+            for x, d, b in zip(group, drops, bonus):
+                x.reward += b
+                x.parts.update(drop=d, bonus=b)
+            rs = [x.reward for x in group]
+        rollouts += group
+        # How much learning signal the group holds: equal rewards give every answer A = 0.
+        signal["uniform"] += max(rs) == min(rs)
+        signal["spread"] += float(torch.tensor(rs).std()) if G > 1 else 0.0
+        signal["distinct"] += len({x.text for x in group})
+        guided = torch.tensor([bool(p) for p in prefixes[i]], device=dev)
+        adv = guided_advantages(group_advantages(torch.tensor([rs]))[0].float().to(dev), guided)
+        groups.append(Group(prompts[i], ids, mask, adv, keep=not (args.drop_uniform_groups and max(rs) == min(rs)),
+                            guided=guided, old_logp=old if off_policy else None))
+    t2 = time.time()
+
+    # 3. pi_old (and pi_ref) log-probs, once, before any update -- only when they are needed (pi_old comes
+    #    with TaRO's drops when those are computed). Dropped groups too: under ZeRO-3 every rank must run
+    #    the same number of forwards. They take the update's forwards (same completions per forward), so
+    #    pi / pi_old starts at exactly 1.
     with torch.no_grad():
         for g in groups:
-            if off_policy:
+            if off_policy and g.old_logp is None:
                 g.old_logp = torch.cat([logprobs(policy, g.prompt, g.ids[s], g.mask[s])[0] for s in parts])
             if ref is not None:
                 g.ref_logp = torch.cat([logprobs(ref, g.prompt, g.ids[s], g.mask[s])[0] for s in parts])
@@ -421,7 +503,8 @@ def grpo_step(engine, ref, processor, samples: list[data.Sample], args, reward_f
     # 4. Update: token mean over each mini-batch (all ranks); one forward/backward per group (or per
     #    --update-chunk completions of it: the gradients add up).
     policy.train()
-    sums = {"tokens": 0.0, "clip_frac": 0.0, "kl": 0.0, "entropy": 0.0, "loss": 0.0, "opt_steps": 0, "gnorm": 0.0}
+    sums = {"tokens": 0.0, "clip_frac": 0.0, "kl": 0.0, "entropy": 0.0, "loss": 0.0, "opt_steps": 0, "gnorm": 0.0,
+            "bad_steps": 0}  # opt_steps: the updates applied; bad_steps: the ones skipped for a NaN or inf
     for _ in range(args.mu):
         for a in range(0, len(groups), mini):
             part = groups[a:a + mini]
@@ -433,6 +516,7 @@ def grpo_step(engine, ref, processor, samples: list[data.Sample], args, reward_f
             n_micro = int(counts[1])
             if n_micro == 0:  # every group of this mini-batch dropped, on every rank
                 continue
+            loss_finite = True
             for k in range(n_micro):
                 # ZeRO-3 needs the same number of forward/backward on every rank: a rank with fewer
                 # kept groups repeats one with weight 0.
@@ -446,7 +530,11 @@ def grpo_step(engine, ref, processor, samples: list[data.Sample], args, reward_f
                     # DeepSpeed averages gradients over ranks: dividing by n_tokens / world makes the sum a
                     # token mean over the whole mini-batch.
                     loss, st = grpo_loss(logp, old, g.adv[s, None], g.mask[s], args.clip_eps, args.clip_eps_high,
-                                         ref_logp, args.beta, ent, args.entropy_coef, n_tokens=float(n_tokens) / world)
+                                         ref_logp, args.beta, ent, args.entropy_coef, n_tokens=float(n_tokens) / world,
+                                         guided=g.guided[s] if g.guided.any() else None)
+                    if step in args.inject_nan and dist.get_rank() == 0:  # tests only: a bad step on one rank
+                        loss = loss * float("nan")
+                    loss_finite = loss_finite and math.isfinite(loss.item())
                     engine.backward(loss * w, scale_wrt_gas=False)
                     t = float(g.mask[s].sum()) * w
                     sums["tokens"] += t
@@ -456,16 +544,22 @@ def grpo_step(engine, ref, processor, samples: list[data.Sample], args, reward_f
             gnorm, grads = None, [p.grad for p in policy.parameters() if p.grad is not None]
             if args.zero_stage == 0 and grads:  # DeepSpeed reports the norm only for ZeRO; grads are whole here
                 gnorm = torch.stack([x.norm() for x in grads]).norm().item()
-            engine.step()
-            sums["opt_steps"] += 1
-            sums["gnorm"] += float(engine.get_global_grad_norm() if gnorm is None else gnorm)
+            # The update, unless a loss or gradient is NaN or inf on any rank: then every rank skips it and
+            # drops its gradients (model.optimizer_step); main() counts the steps that had one.
+            if optimizer_step(engine, loss_finite):
+                sums["opt_steps"] += 1
+                sums["gnorm"] += float(engine.get_global_grad_norm() if gnorm is None else gnorm)
+            else:
+                sums["bad_steps"] += 1
     # This rank's sums for the log line (the caller adds them up over ranks).
     r = [x.reward for x in rollouts]
     stats = dict(sums, n=len(rollouts), reward=sum(r), reward_sq=sum(x * x for x in r),
                  iou=sum(x.parts.get("iou", 0.0) for x in rollouts),
                  format=sum(x.parts.get("format", 0.0) for x in rollouts),
                  length=float(sum(len(x.completion_ids) for x in rollouts)), groups=len(groups),
-                 dropped=sum(not g.keep for g in groups))
+                 dropped=sum(not g.keep for g in groups), guided=sum(x.parts["guided"] for x in rollouts), **signal,
+                 bonus=sum(x.parts.get("bonus", 0.0) > 0 for x in rollouts),
+                 tsr_drop=sum(x.parts.get("drop", 0.0) for x in rollouts if math.isfinite(x.parts.get("drop", 0.0))))
     return StepResult(rollouts, stats, {"rollout": t1 - t0, "reward": t2 - t1, "update": time.time() - t2})
 
 
@@ -574,11 +668,20 @@ def plot_curves(metrics_path: str, png: str) -> None:
     with open(metrics_path) as f:
         recs = [json.loads(ln) for ln in f if ln.strip()]
     steps = [r["step"] for r in recs]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
+    taro = bool(recs) and "guided" in recs[0]
+    fig, axes = plt.subplots(1, 3 if taro else 2, figsize=(15 if taro else 10, 3.6))
+    a, b = axes[0], axes[1]
     a.plot(steps, [r["reward"] for r in recs])
-    a.set(xlabel="step", ylabel="mean reward", title="reward (0.9 IoU + 0.1 format)")
+    a.set(xlabel="step", ylabel="mean reward", title="reward (0.9 IoU + 0.1 format" + (" + bonus)" if taro else ")"))
     b.plot(steps, [r["length"] for r in recs], color="tab:orange")
     b.set(xlabel="step", ylabel="tokens", title="response length")
+    if taro:  # TaRO's curriculum and temporal-sensitivity bonus
+        c = axes[2]
+        c.plot(steps, [r["guided"] for r in recs], label="guided fraction")
+        c.plot(steps, [r["bonus_rate"] for r in recs], label="bonus rate")
+        c.plot(steps, [r["tsr_drop"] for r in recs], label="mean drop d (nats/token)")
+        c.set(xlabel="step", title="TaRO")
+        c.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(png, dpi=120)
     plt.close(fig)
@@ -594,11 +697,17 @@ def step_record(step: int, tot: dict, res: StepResult, sec: float, args) -> dict
            "grad_norm": res.stats["gnorm"] / res.stats["opt_steps"] if res.stats["opt_steps"] else None,
            "drop": tot["dropped"] / max(tot["groups"], 1), "opt_steps": res.stats["opt_steps"], "sec": sec,
            "skipped_videos": int(tot.get("skipped", 0)),
+           # the learning signal: groups whose G rewards are all equal (A = 0 for each), the mean
+           # within-group reward std, and how many different answers a group holds
+           "uniform_groups": tot["uniform"] / max(tot["groups"], 1), "group_reward_std": tot["spread"] / max(tot["groups"], 1),
+           "distinct_answers": tot["distinct"] / max(tot["groups"], 1),
            **{f"{k}_s": v for k, v in res.times.items()}}
     if args.beta > 0:
         rec["kl"] = tot["kl"] / tokens
     if args.entropy_coef > 0:
         rec["entropy"] = tot["entropy"] / tokens
+    if args.taro or args.guided_steps or args.tsr_alpha > 0:  # TaRO: the share of guided rollouts, of bonuses, mean d
+        rec.update(guided=tot["guided"] / n, bonus_rate=tot["bonus"] / n, tsr_drop=tot["tsr_drop"] / n)
     return rec
 
 
@@ -607,10 +716,12 @@ def log_line(rec: dict, steps: int, eta_s: float) -> str:
     kl = f" | kl {rec['kl']:.3g}" if "kl" in rec else ""
     return (f"step {rec['step']}/{steps} | reward {rec['reward']:.3f}±{rec['reward_std']:.3f} | "
             f"iou {rec['iou']:.3f} | fmt {rec['format']:.2f} | len {rec['length']:.1f} | "
-            f"clip {rec['clip_frac']:.3f}{kl} | gnorm {g} | drop {rec['drop']:.2f} | {rec['sec']:.1f} s "
+            f"clip {rec['clip_frac']:.3f}{kl} | gnorm {g} | drop {rec['drop']:.2f} | uniform {rec['uniform_groups']:.2f} | "
+            f"{rec['sec']:.1f} s "
             f"(roll {rec['rollout_s']:.1f} rew {rec['reward_s']:.1f} upd {rec['update_s']:.1f}) | "
             f"ETA {datetime.timedelta(seconds=round(eta_s))}"
-            + (f" | skipped videos {rec['skipped_videos']}" if rec.get("skipped_videos") else ""))
+            + (f" | skipped videos {rec['skipped_videos']}" if rec.get("skipped_videos") else "")
+            + (f" | guided {rec['guided']:.2f} bonus {rec['bonus_rate']:.2f} d {rec['tsr_drop']:.3f}" if "guided" in rec else ""))
 
 
 # -----------------------------------------------------------------------------
@@ -649,6 +760,16 @@ def main(argv=None) -> None:
     samples = data.read_jsonl(args.data)  # a malformed line stops here with file:line
     if not samples:
         sys.exit(f"error: {args.data} has no samples")
+    no_duration = [s for s in samples if s.duration is None]
+    if no_duration:  # the reward clamps spans to the video (and TaRO's IoU divides by its length)
+        sys.exit(f"error: {len(no_duration)} of {len(samples)} samples of {args.data} have no duration, e.g. "
+                 f"{no_duration[0].id}: give every sample its duration in seconds (data.py convert measures "
+                 "it from the video when the file is there)")
+    if args.guided_steps is None:  # --taro: the chance of guidance decays to 0 over one epoch of the RL set
+        args.guided_steps = math.ceil(len(samples) / P)
+    if args.guided_steps and not any(s.captions for s in samples):
+        sys.exit(f"error: guided rollouts (--taro, --guided-steps) continue from dense captions, and no sample of "
+                 f"{args.data} has `captions`; pass --guided-steps 0 to train without them")
     missing = [s for s in samples if not os.path.isfile(s.video)]
     if missing and not args.skip_bad:  # found now rather than at some step hours in
         sys.exit(f"error: {len(missing)} of {len(samples)} videos of {args.data} not found, e.g. sample "
@@ -659,9 +780,10 @@ def main(argv=None) -> None:
     engine, ref, processor, _keep = setup(args)
     import torch.distributed as dist
     check_shared_dir(out, engine.device)  # rank 0 writes the checkpoints every rank resumes from
-    start = 0
+    start, bad_in_a_row = 0, 0  # bad_in_a_row: the last steps with a NaN or inf update skipped, one after another
     if args.resume and last:
         state = load_checkpoint(engine, last)
+        bad_in_a_row = state.get("bad_in_a_row", 0)
         for k in ("group_size", "prompts_per_step", "seed"):  # they define the data position and the run
             if state["args"][k] != getattr(args, k):
                 sys.exit(f"error: --{k.replace('_', '-')} {getattr(args, k)} differs from the checkpoint's "
@@ -687,6 +809,9 @@ def main(argv=None) -> None:
     bar = tqdm(total=args.steps, initial=start, desc="GRPO", unit="step", disable=rank != 0)
     times = []
     position, bad = {s.id: k for k, s in enumerate(samples)}, {}
+    # --track-weights: how far the trained weights have moved from --model (a copy of them is kept)
+    trained = [q for q in engine.module.parameters() if q.requires_grad]
+    start_weights = [q.detach().clone() for q in trained] if args.track_weights else None
     for step in range(start + 1, args.steps + 1):
         t = time.time()
         n_bad = len(bad)
@@ -702,25 +827,43 @@ def main(argv=None) -> None:
                    "or pass --skip-bad to replace such prompts")
             dist.destroy_process_group()
             sys.exit(1)
-        res = grpo_step(engine, ref, processor, prompts, args, videos=videos)
+        res = grpo_step(engine, ref, processor, prompts, args, videos=videos, step=step)
         res.stats["skipped"] = replaced  # prompts whose video did not decode, replaced this step
         keys = ["n", "reward", "reward_sq", "iou", "format", "length", "tokens", "loss", "clip_frac", "kl",
-                "entropy", "groups", "dropped", "skipped"]
+                "entropy", "groups", "dropped", "skipped", "guided", "bonus", "tsr_drop", "uniform", "spread",
+                "distinct"]
         tot = torch.tensor([float(res.stats[k]) for k in keys], dtype=torch.float64, device=engine.device)
         dist.all_reduce(tot)
         times.append(time.time() - t)
         rec = step_record(step, dict(zip(keys, tot.tolist())), res, times[-1], args)
+        if start_weights is not None:  # relative distance ||w - w0|| / ||w0|| over the trained weights
+            rec["weight_shift"] = (sum(float((q.detach() - q0).pow(2).sum()) for q, q0 in zip(trained, start_weights))
+                                   / max(sum(float(q0.pow(2).sum()) for q0 in start_weights), 1e-30)) ** 0.5
+        rec["bad_steps"] = res.stats["bad_steps"]  # updates skipped for a NaN or inf (decided by all ranks together)
+        bad_in_a_row = bad_in_a_row + 1 if rec["bad_steps"] else 0
         if rank == 0:
             _append(metrics, [rec])
             _append(rollouts_path, [{"step": step, "id": x.sample_id, "response": x.text, "span": x.parts.get("span"),
                                      "gt": prompts[x.prompt_idx].spans, "reward": x.reward,
-                                     "iou": x.parts.get("iou"), "format": x.parts.get("format")}
+                                     "iou": x.parts.get("iou"), "format": x.parts.get("format"),
+                                     **{k: x.parts[k] for k in ("guided", "drop", "bonus") if k in x.parts}}
                                     for x in res.rollouts[:args.log_rollouts]])
-            tqdm.write(log_line(rec, args.steps, sum(times) / len(times) * (args.steps - step)))
+            tqdm.write(log_line(rec, args.steps, sum(times) / len(times) * (args.steps - step))
+                       + (f" | NaN/inf loss or gradient: update skipped ({bad_in_a_row} step(s) in a row)"
+                          if rec["bad_steps"] else ""))
             sys.stdout.flush()  # for `| tee` and log files: a pipe is block-buffered
         bar.update(1)
+        if bad_in_a_row >= args.max_bad_steps:
+            print0(f"error: {bad_in_a_row} steps in a row (steps {step - bad_in_a_row + 1} to {step}) had a NaN or inf "
+                   f"loss or gradient; each update was skipped, now the run stops (--max-bad-steps "
+                   f"{args.max_bad_steps}). The weights are those before step {step - bad_in_a_row + 1}; the last "
+                   f"checkpoint is {latest_checkpoint(out) or '(none)'}. Look at the learning rate and the rewards.",
+                   file=sys.stderr)
+            dist.destroy_process_group()
+            sys.exit(1)
         if step % args.save_every == 0 or step == args.steps:
-            ckpt = save_checkpoint(engine, processor, out, step, {"args": vars(args), "deepspeed": engine.config})
+            ckpt = save_checkpoint(engine, processor, out, step, {"args": vars(args), "deepspeed": engine.config,
+                                                                  "bad_in_a_row": bad_in_a_row})
             if rank == 0:
                 tqdm.write(f"saved {ckpt}")
                 sys.stdout.flush()
@@ -733,4 +876,8 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from model import CheckpointError
+    try:
+        main()
+    except (data.DataError, CheckpointError) as e:  # bad input or a checkpoint that cannot be written: named
+        sys.exit(f"error: {e}")

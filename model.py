@@ -283,6 +283,80 @@ def completion_logprobs(model, prompt: dict, ids, mask, temperature: float, supp
 
 
 # -----------------------------------------------------------------------------
+# Rollouts (grpo.py): G answers per prompt, the video encoded once and the prompt prefilled once
+
+
+def prompt_inputs(batch, i: int) -> dict:
+    """Prompt i of a left-padded build_inputs batch, padding removed (one video per prompt)."""
+    keep = batch["attention_mask"][i].bool()
+    patches = batch["video_grid_thw"].prod(-1)  # rows of pixel_values_videos per video
+    start = int(patches[:i].sum())
+    return {"input_ids": batch["input_ids"][i, keep][None],
+            "mm_token_type_ids": batch["mm_token_type_ids"][i, keep][None],
+            "pixel_values_videos": batch["pixel_values_videos"][start:start + int(patches[i])],
+            "video_grid_thw": batch["video_grid_thw"][i:i + 1],
+            "second_per_grid_ts": batch["second_per_grid_ts"][i:i + 1]}
+
+
+@torch.no_grad()
+def generate_shared(model, batch, G: int, gen_kwargs: dict) -> torch.Tensor:
+    """Sample G answers for each prompt of a left-padded batch: (P * G, Lc) new ids, grouped by prompt.
+    The vision encoder and the prompt prefill run once per prompt; the KV cache is repeated G times."""
+    out = model(**batch, use_cache=True, logits_to_keep=1)  # (P, ...) prefill, video encoded once
+    cache = out.past_key_values
+    cache.batch_repeat_interleave(G)
+    cache.crop(-1)  # generate must see one uncached token to produce the first logits
+    # Continuing from a cache, generate places new tokens at (token index + model.model.rope_deltas).
+    # The prefill set rope_deltas (P, 1) from the prompt's real positions (model.get_rope_index: the
+    # text resumes after the video's last position); the G copies of a prompt share it.
+    model.model.rope_deltas = model.model.rope_deltas.repeat_interleave(G, 0)  # (P * G, 1)
+    ids = batch["input_ids"].repeat_interleave(G, 0)
+    seqs = model.generate(input_ids=ids, attention_mask=batch["attention_mask"].repeat_interleave(G, 0),
+                          past_key_values=cache, **gen_kwargs)
+    return seqs[:, ids.shape[1]:]
+
+
+def to_device(d: dict, device) -> dict:
+    """A dict of model inputs (build_inputs' BatchFeature) with its tensors on `device`."""
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in d.items()}
+
+
+@torch.no_grad()
+def generate_from_prefixes(model, prompt: dict, prefixes: list[list[int]], gen_kwargs: dict, pad_id: int,
+                           max_len: int) -> torch.Tensor:
+    """k answers to ONE prompt, answer i continuing from its own prefix of token ids (TaRO's guided
+    rollouts; an empty prefix is a free rollout) -> (k, max_len) ids: prefix + sampled tokens, cut at
+    `max_len` tokens in all (so a long prefix never pushes the answer past the response limit, a flaw
+    of TaRO's released code), right-padded with pad_id.
+
+    The video is encoded once for the k rows (its features handed to generate, as predict.py does). The
+    rows [prompt; prefix_i] are left-padded and prefilled each on its own: exact for any mix of prefix
+    lengths, where one shared prompt cache (generate_shared) would need padding in the middle of a row,
+    which shifts Qwen2.5-VL's positions. It costs k prompt prefills instead of one."""
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+    k, dev = len(prefixes), prompt["input_ids"].device
+    feats = model.get_video_features(prompt["pixel_values_videos"], prompt["video_grid_thw"]).pooler_output
+    width = prompt["input_ids"].shape[1] + max(len(p) for p in prefixes)
+    ids = torch.full((k, width), pad_id, dtype=torch.long, device=dev)  # (k, Lp + longest prefix)
+    attention, types = torch.zeros_like(ids), torch.zeros_like(ids)
+    for i, p in enumerate(prefixes):
+        row = torch.cat([prompt["input_ids"][0], torch.tensor(p, dtype=torch.long, device=dev)])
+        ids[i, width - len(row):] = row
+        attention[i, width - len(row):] = 1
+        types[i, width - len(row):width - len(p)] = prompt["mm_token_type_ids"][0]
+    seqs = model.generate(input_ids=ids, attention_mask=attention, mm_token_type_ids=types,
+                          video_grid_thw=prompt["video_grid_thw"].repeat(k, 1),
+                          second_per_grid_ts=prompt["second_per_grid_ts"].repeat(k),
+                          mm_encoder_outputs={"video": BaseModelOutputWithPooling(pooler_output=tuple(feats) * k)},
+                          **gen_kwargs)
+    out = torch.full((k, max_len), pad_id, dtype=torch.long, device=dev)
+    for i, p in enumerate(prefixes):
+        row = torch.cat([torch.tensor(p, dtype=torch.long, device=dev), seqs[i, width:]])[:max_len]
+        out[i, :len(row)] = row
+    return out
+
+
+# -----------------------------------------------------------------------------
 # Distributed training: one DeepSpeed path for 1 CPU process and for 16 GPUs (sft.py, grpo.py)
 
 
@@ -396,6 +470,42 @@ def load_for_training(path: str, ds_cfg: dict, dtype: torch.dtype):
     return load_model(path, dtype), keep
 
 
+def optimizer_step(engine, loss_finite: bool) -> bool:
+    """engine.step() at a gradient accumulation boundary, applied only when the step is sound on EVERY
+    rank: each rank's loss finite (`loss_finite`, over its micro-batches of the step) and the gradients
+    finite. Returns True when the weights were updated. Otherwise no rank updates, the accumulated
+    gradients are dropped (none leaks into the next step) and the optimizer's state is untouched.
+
+    A NaN or inf loss makes its gradients NaN or inf, and DeepSpeed's reduction of the gradients spreads
+    them to every rank. DeepSpeed's own optimizers (ZeRO 1-3, bf16) then skip the step by themselves
+    (DeepSpeed 0.19.8): their gradient norm is not finite, and their `overflow` path, the one fp16 loss
+    scaling uses, drops the accumulated gradients. A plain torch optimizer (ZeRO-0 in fp32) has no such
+    check: there the gradients, whole on every rank after the boundary's all-reduce, are checked here.
+    The decision is all-reduced so that every rank takes the same branch (a rank that stepped alone
+    would leave the others' weights behind)."""
+    import torch.distributed as dist
+    plain = not hasattr(engine.optimizer, "overflow")  # DeepSpeed's optimizers have it, torch's do not
+    bad = torch.tensor([0.0 if loss_finite else 1.0], device=engine.device)  # on the device: NCCL
+    if plain and not bad.item():
+        bad[0] = float(any(p.grad is not None and not torch.isfinite(p.grad).all() for p in engine.module.parameters()))
+    dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    if bad.item() and plain:
+        # HACK: DeepSpeed has no way to skip a step of a plain torch optimizer, so engine.step() runs with
+        # the optimizer's own step() a no-op, this once: DeepSpeed's bookkeeping advances (its step
+        # counters decide where the next accumulation boundary is), it drops the gradients as after any
+        # step (zero_grad), and no weight and no Adam moment changes.
+        engine.optimizer.step = lambda *args, **kwargs: None
+        try:
+            engine.step()
+        finally:
+            del engine.optimizer.step  # the class's step() again
+        return False
+    engine.step()
+    if bad.item() and engine.was_step_applied():  # cannot happen with DeepSpeed 0.19.8's optimizers
+        raise RuntimeError("DeepSpeed applied an optimizer step whose loss or gradients were not finite")
+    return not bad.item() and engine.was_step_applied()
+
+
 def freeze_vision(model) -> int:
     """Freeze the vision tower (`model.visual`: the ViT and its patch merger); returns the number of
     frozen parameters. For the tiny preset: a randomly initialised ViT trained from scratch on a few
@@ -451,10 +561,17 @@ def save_hf(engine, processor, out: str) -> None:
     dist.barrier()
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written (a full disk, a quota); the message names it and the last
+    complete checkpoint, which --resume continues from."""
+
+
 def save_checkpoint(engine, processor, out_dir: str, step: int, state: dict, keep: int = 2) -> str:
     """OUT/checkpoint-STEP/: HF weights (loadable by from_pretrained, grpo.py, eval.py), DeepSpeed's
     optimizer and engine state in ds/, each rank's RNG, and trainer_state.json (step, config, data
-    position) written LAST: a directory without it is incomplete and never resumed from."""
+    position) written LAST: a directory without it is incomplete and never resumed from. A write that
+    fails (a full disk) raises CheckpointError; the older checkpoints are only pruned after a new one
+    is complete, so the last complete one stays."""
     import shutil
     import torch.distributed as dist
     rank = dist_env()[0]
@@ -462,15 +579,25 @@ def save_checkpoint(engine, processor, out_dir: str, step: int, state: dict, kee
     if rank == 0:
         shutil.rmtree(ckpt, ignore_errors=True)  # a half-written one from a killed run
     dist.barrier()
-    save_hf(engine, processor, ckpt)
-    engine.save_checkpoint(os.path.join(ckpt, "ds"), tag="state")
-    torch.save(_rng_state(), os.path.join(ckpt, f"rng_rank{rank}.pt"))
-    dist.barrier()
+    try:
+        save_hf(engine, processor, ckpt)
+        engine.save_checkpoint(os.path.join(ckpt, "ds"), tag="state")
+        torch.save(_rng_state(), os.path.join(ckpt, f"rng_rank{rank}.pt"))
+        dist.barrier()
+        if rank == 0:
+            tmp = os.path.join(ckpt, "trainer_state.json.tmp")
+            with open(tmp, "w") as f:
+                json.dump(dict(state, step=step), f, indent=1)
+            os.replace(tmp, os.path.join(ckpt, "trainer_state.json"))
+    except Exception as e:  # torch.save and safetensors name neither the file nor, often, the reason
+        for partial in (ckpt, ckpt + ".tmp"):  # free what the failed write took; it is never resumed from
+            shutil.rmtree(partial, ignore_errors=True)
+        free = shutil.disk_usage(out_dir).free / 2**20  # torch.save's "unexpected pos" means a full disk
+        raise CheckpointError(f"could not write the checkpoint {ckpt} ({free:.1f} MiB free on its disk): "
+                              f"{type(e).__name__}: {e}. The last complete checkpoint is "
+                              f"{latest_checkpoint(out_dir) or '(none)'}: make room and run again with --resume to "
+                              "continue from it") from e
     if rank == 0:
-        tmp = os.path.join(ckpt, "trainer_state.json.tmp")
-        with open(tmp, "w") as f:
-            json.dump(dict(state, step=step), f, indent=1)
-        os.replace(tmp, os.path.join(ckpt, "trainer_state.json"))
         # keep the newest `keep` complete checkpoints; older ones, and half-written leftovers older
         # than this one (killed runs), go
         names = sorted(d for d in os.listdir(out_dir) if d.startswith("checkpoint-"))
@@ -493,13 +620,15 @@ def latest_checkpoint(out_dir: str) -> str | None:
 
 def keep_steps_upto(path: str, last: int) -> None:
     """A killed run may have logged steps after its last checkpoint: keep the JSONL records of steps
-    <= `last` only (atomic rewrite), so a resumed run logs no step twice."""
+    <= `last` only (atomic rewrite), so a resumed run logs no step twice. A kill in the middle of an
+    append leaves a torn last line (no newline after it): it goes too, and its step is logged again.
+    Any other line that is not a record raises, naming its file:line."""
     if not os.path.isfile(path):
         return
-    with open(path) as f:
-        lines = [ln for ln in f if ln.strip() and json.loads(ln)["step"] <= last]
-    with open(path + ".tmp", "w") as f:
-        f.writelines(lines)
+    from data import file_lines, json_line
+    keep = [line for where, line in file_lines(path, complete_only=True) if json_line(line, where)["step"] <= last]
+    with open(path + ".tmp", "wb") as f:
+        f.writelines(line + b"\n" for line in keep)
     os.replace(path + ".tmp", path)
 
 

@@ -105,26 +105,44 @@ def generation_kwargs(tokenizer, max_new_tokens: int, temperature: float) -> dic
     return dict(max_new_tokens=max_new_tokens, repetition_penalty=1.0, suppress_tokens=suppress_ids(tokenizer), **how)
 
 
+def generate_encoded(model, processor, samples: list, videos: list, encoded: dict, gen_kwargs: dict,
+                     num_return_sequences: int = 1, nframes: int = data.NFRAMES, max_pixels: int = data.MAX_PIXELS,
+                     min_pixels: int = data.MIN_PIXELS):
+    """One `generate` call, a left-padded row per sample (`videos`: their `data.load_video` results), with
+    every video through the vision tower at most once: `encoded` maps a video path to the tower's output
+    and is filled here the first time a video comes up. The caller keeps it for the video's other queries
+    (this file for all of them, eval.py while they last). -> (rows * num_return_sequences, new) token ids.
+
+    The answers are those of `generate` given the pixels: it would compute the same features from the
+    same pixels (one call, one video), and takes them here in their place (`mm_encoder_outputs`)."""
+    import torch
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+    inputs = data.build_inputs(processor, samples, videos, nframes=nframes, max_pixels=max_pixels,
+                               min_pixels=min_pixels, padding_side="left").to(model.device)
+    pixels = inputs.pop("pixel_values_videos")  # (patches of all rows, C * t * p * p): only patchifying is redone
+    grids = inputs["video_grid_thw"]  # (rows, 3): each row's video in (t, h, w) patches
+    ends = grids.prod(1).cumsum(0).tolist()  # where each row's patches end in `pixels`
+    with torch.inference_mode():
+        for s, grid, end in zip(samples, grids, ends):
+            if s.video not in encoded:  # (video tokens, hidden)
+                n = int(grid.prod())
+                encoded[s.video] = model.get_video_features(pixels[end - n:end], grid[None]).pooler_output[0]
+        feats = BaseModelOutputWithPooling(pooler_output=tuple(encoded[s.video] for s in samples))
+        seqs = model.generate(**inputs, mm_encoder_outputs={"video": feats},  # a fresh dict: generate edits it
+                              num_return_sequences=num_return_sequences, **gen_kwargs)  # (rows * n, prompt + new)
+    return seqs[:, inputs["input_ids"].shape[1]:]
+
+
 def answer(model, processor, video_path: str, video, queries: list[str], gen_kwargs: dict, samples: int = 1,
            nframes: int = data.NFRAMES, max_pixels: int = data.MAX_PIXELS, min_pixels: int = data.MIN_PIXELS
            ) -> list[list[Answer]]:
     """`samples` answers to each query about one video; `video` is `data.load_video`'s result. The
     vision tower runs once: its output is passed to every generate call in place of the pixels."""
-    import torch
-    from transformers.modeling_outputs import BaseModelOutputWithPooling
-    feats, out = None, []
+    encoded, out = {}, []
     for q in queries:
         s = data.Sample(id=Path(video_path).stem, video=video_path, duration=None, query=q, spans=[])
-        inputs = data.build_inputs(processor, [s], [video], nframes=nframes, max_pixels=max_pixels,
-                                   min_pixels=min_pixels, padding_side="left").to(model.device)
-        pixels = inputs.pop("pixel_values_videos")  # (patches, C * t * p * p), the same for every query
-        with torch.inference_mode():
-            if feats is None:  # a tuple with one (video tokens, hidden) tensor
-                feats = model.get_video_features(pixels, inputs["video_grid_thw"]).pooler_output
-            encoded = {"video": BaseModelOutputWithPooling(pooler_output=feats)}  # a fresh dict: generate edits it
-            seqs = model.generate(**inputs, mm_encoder_outputs=encoded, num_return_sequences=samples,
-                                  **gen_kwargs)  # (samples, prompt + new)
-        new = seqs[:, inputs["input_ids"].shape[1]:]
+        new = generate_encoded(model, processor, [s], [video], encoded, gen_kwargs, samples, nframes, max_pixels,
+                               min_pixels)  # (samples, new)
         texts = processor.batch_decode(new, skip_special_tokens=True)
         pad = processor.tokenizer.pad_token_id
         out.append([Answer(query=q, text=t, reasoning=reasoning_of(t),

@@ -3,6 +3,7 @@
 #
 #   bash run.sh                   # the main job: the tiny preset where no GPU is present, else the paper preset
 #   bash run.sh tiny [--fresh]    # tiny random Qwen2.5-VL + synthetic videos, 2 CPU cores, ~12 min
+#   bash run.sh taro [--fresh]    # the tiny preset, plus TaRO from the same SFT model: SFT / GRPO / TaRO table
 #   bash run.sh paper [--dry-run] # Qwen2.5-VL-7B on 2 nodes x 8 H100 (HOSTFILE), the paper's hyperparameters
 #   bash run.sh paper --rehearsal # the same stage commands on a CPU: a miniature released world, tiny sizes
 #   bash run.sh gpu-check         # on one NVIDIA GPU, ~5 min: NCCL, bf16, the update's memory, rollout speed
@@ -51,9 +52,15 @@ has_gpu() { command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L 2>/dev/null |
 # -----------------------------------------------------------------------------
 # Tiny preset: every stage of the paper, small enough for 2 CPU cores.
 tiny() {
-    local RUN=${RUN:-runs/tiny}
-    if [ "${1:-}" = "--fresh" ]; then run rm -rf "$RUN"; shift; fi
-    [ $# -eq 0 ] || { echo "unknown argument: $1 (settings go in environment variables; see run.sh)" >&2; exit 2; }
+    local RUN=${RUN:-runs/tiny} TARO=0
+    while [ $# -gt 0 ]; do
+        case "$1" in
+            --fresh) run rm -rf "$RUN" ;;
+            --taro) TARO=1 ;;  # bash run.sh taro: also TaRO from the same SFT model, data and steps
+            *) echo "unknown argument: $1 (settings go in environment variables; see run.sh)" >&2; exit 2 ;;
+        esac
+        shift
+    done
     mkdir -p "$RUN"
     local t0=$SECONDS
     # Every stage below is one process: let torch use every core (2 threads on 2 cores: an SFT step
@@ -81,15 +88,22 @@ tiny() {
         --lr "${SFT_LR:-2e-3}" --freeze-vision \
         --warmup-ratio 0.05 $VIDEO --resume ${SFT_ARGS:-}
     # 6. GRPO from the SFT model on the RL set (the original ground truth), reward 0.9 IoU + 0.1 format
-    run python grpo.py --model "$RUN/sft/model" --data "$RUN/annotate/rl.jsonl" --out "$RUN/grpo" \
-        --steps "${GRPO_STEPS:-40}" --group-size 8 --prompts-per-step "${GRPO_PROMPTS:-8}" --lr "${GRPO_LR:-1e-5}" \
-        --max-new-tokens "${MAX_NEW_TOKENS:-200}" --freeze-vision $VIDEO --resume ${GRPO_ARGS:-}
-    # 7. held-out test videos: base, SFT, SFT+GRPO, and the best constant span fitted on the train set
+    local GRPO="grpo.py --model $RUN/sft/model --data $RUN/annotate/rl.jsonl --steps ${GRPO_STEPS:-40} --group-size 8 \
+        --prompts-per-step ${GRPO_PROMPTS:-8} --lr ${GRPO_LR:-1e-5} --max-new-tokens ${MAX_NEW_TOKENS:-200} \
+        --freeze-vision $VIDEO --resume ${GRPO_ARGS:-}"
+    run python $GRPO --out "$RUN/grpo"
+    # 6b. TaRO (bash run.sh taro): the same command with --taro (guided rollouts from the dense captions
+    #     over one epoch, the temporal-sensitivity bonus), from the same SFT model, on the same data
+    local models="base sft grpo"
+    if [ $TARO = 1 ]; then
+        run python $GRPO --out "$RUN/taro" --taro ${TARO_ARGS:-}
+        models="$models taro"
+    fi
+    # 7. held-out test videos: base, SFT, SFT+GRPO (+TaRO), and the best constant span fitted on the train set
     local name
-    for name in base sft grpo; do
-        local model_dir=$RUN/base_model
-        [ $name = sft ] && model_dir=$RUN/sft/model
-        [ $name = grpo ] && model_dir=$RUN/grpo/model
+    for name in $models; do
+        local model_dir=$RUN/$name/model
+        [ $name = base ] && model_dir=$RUN/base_model
         [ -f "$RUN/eval/$name/metrics.json" ] || run python eval.py --model "$model_dir" \
             --data "$RUN/data/test.jsonl" --out "$RUN/eval/$name" $VIDEO \
             --max-new-tokens "${MAX_NEW_TOKENS:-200}" --batch-size 40 ${EVAL_ARGS:-}
@@ -97,10 +111,11 @@ tiny() {
     [ -f "$RUN/eval/constant_baseline/metrics.json" ] || run python eval.py baseline \
         --train "$RUN/data/train.jsonl" --test "$RUN/data/test.jsonl" --out "$RUN/eval/constant_baseline"
     run python - "$RUN" $((SECONDS - t0)) <<'EOF'
-import json, sys
+import json, os, sys
 run, wall = sys.argv[1], float(sys.argv[2])
-rows = {"base": "base (random init)", "sft": "cold-start SFT", "grpo": "SFT + GRPO",
+rows = {"base": "base (random init)", "sft": "cold-start SFT", "grpo": "SFT + GRPO", "taro": "SFT + TaRO",
         "constant_baseline": "best constant span"}
+rows = {k: v for k, v in rows.items() if os.path.isfile(f"{run}/eval/{k}/metrics.json")}
 res = {}
 print(f"\nTiny preset, held-out synthetic test set ({run}/eval), percent:")
 print(f"{'model':<22}{'R1@0.3':>9}{'R1@0.5':>9}{'R1@0.7':>9}{'mIoU':>9}")
@@ -111,8 +126,9 @@ for k, label in rows.items():
 res["wall_seconds"] = wall  # this invocation's wall time (stages found done are not re-counted)
 tmp = f"{run}/results.json.tmp"
 json.dump(res, open(tmp, "w"), indent=2)
-import os; os.replace(tmp, f"{run}/results.json")
-print(f"\nwrote {run}/results.json; GRPO reward curve: {run}/grpo/curves.png; wall time {wall:.0f} s")
+os.replace(tmp, f"{run}/results.json")
+curves = " and ".join(f"{run}/{k}/curves.png" for k in ("grpo", "taro") if k in rows)
+print(f"\nwrote {run}/results.json; reward curves: {curves}; wall time {wall:.0f} s")
 EOF
 }
 
@@ -228,11 +244,22 @@ keys = ("R1@0.3", "R1@0.5", "R1@0.7", "mIoU")
 res = {}
 print(f"\nPaper preset ({run}/eval), percent, the paper's scorer (eval.py --parse official):")
 print(f"{'benchmark':<14}{'model':<7}{'n':>6}" + "".join(f"{k:>9}" for k in keys))
+sys.path.insert(0, ".")
+import eval as ev
 for fmt, label in names.items():
     for m in models:
         r = json.load(open(f"{run}/eval/{m}/{fmt}/metrics.json"))["overall"]
         res.setdefault(fmt, {})[m] = {k: r[k] for k in keys + ("n",)}
         print(f"{label:<14}{m:<7}{r['n']:>6}" + "".join(f"{r[k]:>9.2f}" for k in keys))
+        if fmt == "charades_sta":  # the released scorer's first rule (numbers anywhere, <think> included)
+            old = ev.score_predictions(ev.read_predictions(f"{run}/eval/{m}/{fmt}/predictions.jsonl"),
+                                       "official-0724")["overall"]
+            res[fmt][m + "_official-0724"] = {k: old[k] for k in keys + ("n",)}
+            if any(old[k] != r[k] for k in keys):
+                print(f"{label + '*':<14}{m:<7}{old['n']:>6}" + "".join(f"{old[k]:>9.2f}" for k in keys))
+print("* Charades-STA scored with the released scorer's first rule (b261460: the first two numbers anywhere,\n"
+      "  <think> included), where it differs from its current one (c818166: the first <time> block first).\n"
+      "  Which of the two produced the paper's table we cannot tell.")
 res["wall_seconds"] = wall
 tmp = f"{run}/results.json.tmp"
 json.dump(res, open(tmp, "w"), indent=2)
@@ -273,8 +300,9 @@ setup
 case "${1:-}" in
     test) shift; run python -m pytest -q tests "$@" ;;
     tiny) shift; tiny "$@" ;;
+    taro) shift; tiny --taro "$@" ;;
     paper) shift; paper "$@" ;;
     gpu-check) shift; run python gpu_check.py "$@" ;;
     "") if has_gpu; then paper; else tiny; fi ;;
-    *) echo "usage: bash run.sh [tiny [--fresh] | paper [--dry-run | --rehearsal] | gpu-check | test [pytest args]]" >&2; exit 2 ;;
+    *) echo "usage: bash run.sh [tiny [--fresh] | taro [--fresh] | paper [--dry-run | --rehearsal] | gpu-check | test [pytest args]]" >&2; exit 2 ;;
 esac

@@ -1,5 +1,6 @@
 """eval.py: scoring by hand-checked numbers and against a transcription of the paper's scorer, the
-`score` CLI, then the real script run tiny (one process, resumed, and sharded over two)."""
+`score` CLI, then the real script run tiny (one process, resumed, sharded over two, and the old way: each
+query decoding and encoding its video, for the same answers as grouping a video's queries)."""
 import json
 import random
 import re
@@ -11,6 +12,7 @@ import pytest
 
 import data
 import eval as ev
+import predict
 import reward
 from conftest import MAX_PIXELS, MIN_PIXELS, NFRAMES, ROOT, ASSETS
 
@@ -324,7 +326,7 @@ def test_score_errors_name_file_and_line(tmp_path, line, message):
 # The real script, tiny: 6 synthetic samples plus one whose video is missing.
 
 TINY = ["--nframes", str(NFRAMES), "--max-pixels", str(MAX_PIXELS), "--min-pixels", str(MIN_PIXELS),
-        "--max-new-tokens", "16", "--batch-size", "3"]
+        "--max-new-tokens", "16"]  # --batch-size 1: every answer exactly as if asked alone
 
 
 @pytest.fixture(scope="module")
@@ -338,9 +340,26 @@ def test_set(synth_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def one_process(tiny_model_dir, test_set, tmp_path_factory):
+def video_model_dir(tiny_model_dir, tmp_path_factory):
+    """The tiny model with its vision tower's output 30x larger, so that its answers depend on the video:
+    the random model's hardly do (2 different answers to the 6 queries), and an answer given with another
+    video's features would not show."""
+    import torch
+    import model
+    m = model.load_model(tiny_model_dir)
+    with torch.no_grad():
+        for p in m.model.visual.merger.mlp[-1].parameters():  # the merger's last linear layer
+            p.mul_(30.0)
+    out = str(tmp_path_factory.mktemp("video_model"))
+    m.save_pretrained(out)
+    model.load_processor(tiny_model_dir).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def one_process(video_model_dir, test_set, tmp_path_factory):
     out = tmp_path_factory.mktemp("eval1")
-    p = run("eval.py", "--model", tiny_model_dir, "--data", str(test_set), "--out", str(out), "--allow-missing", *TINY)
+    p = run("eval.py", "--model", video_model_dir, "--data", str(test_set), "--out", str(out), "--allow-missing", *TINY)
     return out, p
 
 
@@ -375,7 +394,7 @@ def test_eval_writes_predictions_and_metrics(one_process, test_set):
     assert "evaluated 6 of 7 samples; 1 skipped for missing videos" in p.stdout
 
 
-def test_rerun_resumes(one_process, tiny_model_dir, test_set, tmp_path):
+def test_rerun_resumes(one_process, video_model_dir, test_set, tmp_path):
     src, _ = one_process
     out = tmp_path / "resume"
     out.mkdir()
@@ -385,21 +404,21 @@ def test_rerun_resumes(one_process, tiny_model_dir, test_set, tmp_path):
     (out / "eval_args.json").write_text((src / "eval_args.json").read_text())
     (out / "predictions.jsonl").write_text("".join(lines[:3]))
     (out / "predictions.rank0.jsonl").write_text(lines[3] + lines[4][:25])
-    p = run("eval.py", "--model", tiny_model_dir, "--data", str(test_set), "--out", str(out), "--allow-missing", *TINY)
+    p = run("eval.py", "--model", video_model_dir, "--data", str(test_set), "--out", str(out), "--allow-missing", *TINY)
     assert "4 already answered" in p.stdout, p.stdout
     assert (out / "predictions.jsonl").read_text() == full  # the same answers, same order, no duplicates
     # Different settings into the same directory are refused instead of mixed in.
-    args = TINY[:TINY.index("--max-new-tokens")] + ["--max-new-tokens", "8", "--batch-size", "3"]
-    p = run("eval.py", "--model", tiny_model_dir, "--data", str(test_set), "--out", str(out), "--allow-missing",
+    args = TINY[:TINY.index("--max-new-tokens")] + ["--max-new-tokens", "8"]
+    p = run("eval.py", "--model", video_model_dir, "--data", str(test_set), "--out", str(out), "--allow-missing",
             *args, check=False)
     assert p.returncode == 2 and "max_new_tokens=16" in p.stderr, p.stderr
 
 
-def test_two_process_shards_give_the_same_predictions(one_process, tiny_model_dir, test_set, tmp_path):
+def test_two_process_shards_give_the_same_predictions(one_process, video_model_dir, test_set, tmp_path):
     src, _ = one_process
     out = tmp_path / "two"
     p = subprocess.run([PY, "-m", "torch.distributed.run", "--nproc_per_node", "2", "eval.py", "--model",
-                        tiny_model_dir, "--data", str(test_set), "--out", str(out), "--allow-missing", *TINY],
+                        video_model_dir, "--data", str(test_set), "--out", str(out), "--allow-missing", *TINY],
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stdout + p.stderr
     assert "generating on 2 rank(s)" in p.stdout
@@ -409,6 +428,56 @@ def test_two_process_shards_give_the_same_predictions(one_process, tiny_model_di
     assert {d["id"]: d["response"] for d in two} == {d["id"]: d["response"] for d in one}
     assert json.loads((out / "metrics.json").read_text())["overall"] == json.loads(
         (src / "metrics.json").read_text())["overall"]
+
+
+def test_grouped_predictions_are_the_per_query_predictions(one_process, video_model_dir, test_set, tmp_path):
+    src, grouped = one_process
+    out = tmp_path / "per_query"
+    p = run("eval.py", "--model", video_model_dir, "--data", str(test_set), "--out", str(out), "--allow-missing",
+            *TINY, "--no-group-videos")
+    assert "7 samples about 3 videos" in grouped.stdout
+    assert "each video decoded and encoded once for its queries" in grouped.stdout, grouped.stdout
+    assert "each query on its own" in p.stdout, p.stdout
+    # the same responses, byte for byte, in the same order; a different one to each query
+    assert (out / "predictions.jsonl").read_text() == (src / "predictions.jsonl").read_text()
+    assert len({json.loads(x)["response"] for x in (src / "predictions.jsonl").read_text().splitlines()}) == 6
+
+
+def test_by_video_deals_whole_videos():
+    mk = lambda i, video: data.Sample(id=str(i), video=video, duration=9.0, query="q", spans=[[0, 1]])
+    samples = [mk(0, "a"), mk(1, "b"), mk(2, "a"), mk(3, "c"), mk(4, "b"), mk(5, "d"), mk(6, "a")]
+    # a video's queries one after the other, in file order; videos in order of first appearance
+    assert [s.id for s in ev.by_video(samples)] == ["0", "2", "6", "1", "4", "3", "5"]
+    # two ranks: videos a, c to rank 0 and b, d to rank 1, whole
+    assert [s.id for s in ev.by_video(samples, 0, 2)] == ["0", "2", "6", "3"]
+    assert [s.id for s in ev.by_video(samples, 1, 2)] == ["1", "4", "5"]
+
+
+def test_each_video_decoded_and_encoded_once(video_model_dir, test_set, monkeypatch):
+    import model
+    m, processor = model.load_model(video_model_dir).eval(), model.load_processor(video_model_dir)
+    todo = ev.by_video([s for s in data.read_jsonl(test_set) if s.id != "gone_0"])  # 2 videos x 3 queries
+    gen = predict.generation_kwargs(processor.tokenizer, 16, 0.0)
+    decoded, encoded = [], []
+    load_video = data.load_video  # the real decoder, counted
+    monkeypatch.setattr(data, "load_video", lambda s, *args, **kw: decoded.append(s.id) or load_video(s, *args, **kw))
+    hook = m.model.visual.register_forward_hook(lambda *_: encoded.append(1))  # counts vision tower runs
+
+    def answer(batch_size, group_videos):
+        decoded.clear()
+        encoded.clear()
+        texts = [t for _, batch in ev.answer_batches(m, processor, todo, gen, batch_size, group_videos, 2, NFRAMES,
+                                                     MAX_PIXELS, MIN_PIXELS) for t in batch]
+        return texts, len(decoded), len(encoded)
+    try:
+        alone, grouped = answer(1, False), answer(1, True)
+        straddling = answer(2, True)  # calls [a1 a2] [a3 b1] [b2 b3]: video a's queries in two calls
+    finally:
+        hook.remove()
+    assert alone[1:] == (6, 6) and grouped[1:] == (2, 2) and straddling[1:] == (2, 2)
+    assert grouped[0] == alone[0]  # exactly the same answers
+    assert len(set(alone[0])) == 6  # a different answer to every query: a real comparison
+    assert len(straddling[0]) == 6
 
 
 def test_real_benchmark_files_go_through_the_readers(tmp_path):

@@ -11,9 +11,9 @@ SMALL = dict(TRAIN_VIDEOS="4", TEST_VIDEOS="2", HIDDEN="32", LAYERS="1", VISION_
              NOISE="0.5", ANNOTATE_ARGS="--rl-include-coldstart")
 
 
-def run_tiny(run_dir, *extra):
+def run_tiny(run_dir, *extra, cmd="tiny"):
     env = dict(os.environ, RUN=str(run_dir), **SMALL)
-    return subprocess.run(["bash", str(ROOT / "run.sh"), "tiny", *extra], cwd=ROOT, env=env,
+    return subprocess.run(["bash", str(ROOT / "run.sh"), cmd, *extra], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=900)
 
 
@@ -41,6 +41,14 @@ def test_tiny_preset_smoke(tmp_path):
         assert f"+ python {cmd}" not in again.stdout, cmd
     assert "Nothing to do" in again.stdout  # sft.py --resume on a finished run
     assert json.loads((run_dir / "results.json").read_text())["sft"] == res["sft"]
+
+    # bash run.sh taro on the same run: only TaRO's GRPO and its eval run; the table gains its row
+    taro = run_tiny(run_dir, cmd="taro")
+    assert taro.returncode == 0, taro.stdout[-3000:] + taro.stderr[-3000:]
+    assert "+ python grpo.py" in taro.stdout and "--taro" in taro.stdout and "SFT + TaRO" in taro.stdout
+    with_taro = json.loads((run_dir / "results.json").read_text())
+    assert with_taro["taro"]["n"] == 6 and with_taro["grpo"] == res["grpo"]  # plain GRPO is not re-run
+    assert "guided" in (run_dir / "taro" / "metrics.jsonl").read_text().splitlines()[0]
 
 
 def test_paper_dry_run_checks_the_16_gpu_plan():
