@@ -21,6 +21,10 @@ decides where the sample goes:
                               would not give a well-formed SFT target; kept in annotations.jsonl
                               with IoU 0 and never used
 
+For the paper's ablations without its filters (Tables 3 and 4; `run.sh ablations`) two more files:
+coldstart_unfiltered.jsonl (every well-formed answer as an SFT target, whatever its IoU) and
+rl_unfiltered.jsonl (every sample outside the cold start, the IoU < lo ones kept).
+
 Teachers: `gemini` sends the mp4 itself (inline up to --inline-max-mb, else through the Files API,
 deleted after use) with the official google-genai SDK; `openai` decodes --nframes frames once
 (data.load_video, the same sampling as training) and sends each as a JPEG preceded by its time
@@ -489,9 +493,12 @@ def latest(records: list[Annotation], teacher: str, model: str) -> dict[str, Ann
 
 
 def split_samples(samples: list[Sample], final: dict[str, Annotation], hi: float, lo: float,
-                  rl_include_coldstart: bool) -> tuple[list[Sample], list[Sample], dict]:
-    """(coldstart, rl, per-source counts) from the records; samples keep the input order."""
-    coldstart, rl = [], []
+                  rl_include_coldstart: bool) -> tuple[list[Sample], list[Sample], dict, dict]:
+    """(coldstart, rl, per-source counts, unfiltered) from the records; samples keep the input order.
+    unfiltered: the paper's ablations without its filters (Tables 3 and 4): "coldstart", every
+    well-formed teacher answer as an SFT target whatever its IoU; "rl", every sample outside the cold
+    start (the IoU < lo ones kept), with its original ground truth."""
+    coldstart, rl, unfiltered = [], [], {"coldstart": [], "rl": []}
     rows: dict[str, dict] = defaultdict(lambda: {"n": 0, "coldstart": 0, "rl": 0, "dropped": 0, "failed": 0,
                                                  "malformed": 0, "ious": []})
     for s in samples:
@@ -499,19 +506,24 @@ def split_samples(samples: list[Sample], final: dict[str, Annotation], hi: float
         row["n"] += 1
         if r is None or r.status == "failed":
             row["failed"] += 1
+            unfiltered["rl"].append(s)
             continue
         row["ious"].append(r.iou)
         if r.status == "malformed":
             row["failed"] += 1
             row["malformed"] += 1
+            unfiltered["rl"].append(s)
             continue
         where = split_of(r.iou, hi, lo)
         row[where] += 1
+        unfiltered["coldstart"].append(replace(s, cot=think_text(r.response), answer=list(r.span)))
         if where == "coldstart":
-            coldstart.append(replace(s, cot=think_text(r.response), answer=list(r.span)))
+            coldstart.append(unfiltered["coldstart"][-1])
+        else:
+            unfiltered["rl"].append(s)
         if where == "rl" or (where == "coldstart" and rl_include_coldstart):
             rl.append(s)
-    return coldstart, rl, dict(rows)
+    return coldstart, rl, dict(rows), unfiltered
 
 
 def print_summary(rows: dict) -> None:
@@ -577,9 +589,11 @@ def main(argv=None) -> None:
             pool.shutdown(wait=False, cancel_futures=True)
 
     final = {i: r for i, r in latest(records, args.teacher, model).items() if i in seen}
-    coldstart, rl, rows = split_samples(samples, final, args.hi, args.lo, args.rl_include_coldstart)
+    coldstart, rl, rows, unfiltered = split_samples(samples, final, args.hi, args.lo, args.rl_include_coldstart)
     data.write_jsonl(out / "coldstart.jsonl", coldstart)
     data.write_jsonl(out / "rl.jsonl", rl)
+    for name, kept in unfiltered.items():  # for the ablations without the filters (run.sh ablations)
+        data.write_jsonl(out / f"{name}_unfiltered.jsonl", kept)
     print()
     print_summary(rows)
     errors = sorted({r.error for r in final.values() if r.status == "failed"})
@@ -588,7 +602,8 @@ def main(argv=None) -> None:
     tokens = sum(sum(r.tokens.values()) for r in final.values())
     print(f"hi={args.hi} lo={args.lo}; teacher tokens used: {tokens:,}")
     print(f"wrote {out / 'annotations.jsonl'} ({len(final)} samples), {out / 'coldstart.jsonl'} ({len(coldstart)}), "
-          f"{out / 'rl.jsonl'} ({len(rl)})")
+          f"{out / 'rl.jsonl'} ({len(rl)}); without the IoU filters (ablations): coldstart_unfiltered.jsonl "
+          f"({len(unfiltered['coldstart'])}), rl_unfiltered.jsonl ({len(unfiltered['rl'])})")
 
 
 if __name__ == "__main__":

@@ -314,6 +314,7 @@ def parse_args(argv=None):
     p.add_argument("--local_rank", "--local-rank", type=int, default=-1, help="set by the deepspeed launcher")
     # checkpoints and logs
     p.add_argument("--save-every", type=int, default=50, help="checkpoint every N steps (and at the last step)")
+    p.add_argument("--keep-checkpoints", type=int, default=2, help="complete checkpoints kept on disk")
     p.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint in --out")
     p.add_argument("--log-rollouts", type=int, default=2, help="sampled answers per step written to rollouts.jsonl")
     p.add_argument("--skip-bad", action="store_true", help="replace a prompt whose video does not decode by the "
@@ -863,7 +864,8 @@ def main(argv=None) -> None:
             sys.exit(1)
         if step % args.save_every == 0 or step == args.steps:
             ckpt = save_checkpoint(engine, processor, out, step, {"args": vars(args), "deepspeed": engine.config,
-                                                                  "bad_in_a_row": bad_in_a_row})
+                                                                  "bad_in_a_row": bad_in_a_row},
+                                   keep=args.keep_checkpoints)
             if rank == 0:
                 tqdm.write(f"saved {ckpt}")
                 sys.stdout.flush()

@@ -2,8 +2,10 @@
 # VTG-R1 end to end: data -> teacher CoT + IoU split -> SFT -> GRPO -> eval.
 #
 #   bash run.sh                   # the main job: the tiny preset where no GPU is present, else the paper preset
-#   bash run.sh tiny [--fresh]    # tiny random Qwen2.5-VL + synthetic videos, 2 CPU cores, ~12 min
+#   bash run.sh tiny [--fresh]    # tiny random Qwen2.5-VL + synthetic videos, 2 CPU cores, ~15 min
 #   bash run.sh taro [--fresh]    # the tiny preset, plus TaRO from the same SFT model: SFT / GRPO / TaRO table
+#   bash run.sh ablations         # the paper's Tables 3 and 4 on the tiny preset (2 seeds, the main run reused)
+#   SEEDS=3 bash run.sh           # the tiny preset over 3 training seeds (same data): mean, spread, per-seed lift
 #   bash run.sh paper [--dry-run] # Qwen2.5-VL-7B on 2 nodes x 8 H100 (HOSTFILE), the paper's hyperparameters
 #   bash run.sh paper --rehearsal # the same stage commands on a CPU: a miniature released world, tiny sizes
 #   bash run.sh gpu-check         # on one NVIDIA GPU, ~5 min: NCCL, bf16, the update's memory, rollout speed
@@ -52,15 +54,18 @@ has_gpu() { command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L 2>/dev/null |
 # -----------------------------------------------------------------------------
 # Tiny preset: every stage of the paper, small enough for 2 CPU cores.
 tiny() {
-    local RUN=${RUN:-runs/tiny} TARO=0
+    local RUN=${RUN:-runs/tiny} MODE=main
     while [ $# -gt 0 ]; do
         case "$1" in
             --fresh) run rm -rf "$RUN" ;;
-            --taro) TARO=1 ;;  # bash run.sh taro: also TaRO from the same SFT model, data and steps
+            --taro) MODE=taro ;;            # bash run.sh taro: also TaRO from the same SFT model, data and steps
+            --ablations) MODE=ablations ;;  # bash run.sh ablations: the paper's Tables 3 and 4 in miniature
             *) echo "unknown argument: $1 (settings go in environment variables; see run.sh)" >&2; exit 2 ;;
         esac
         shift
     done
+    local SEEDS=${SEEDS:-1}
+    [ $MODE = ablations ] && [ "$SEEDS" -lt 2 ] && SEEDS=2  # each ablation row is a mean over >= 2 seeds
     mkdir -p "$RUN"
     local t0=$SECONDS
     # Every stage below is one process: let torch use every core (2 threads on 2 cores: an SFT step
@@ -78,56 +83,129 @@ tiny() {
         --hidden "${HIDDEN:-128}" --layers "${LAYERS:-2}" --heads "${HEADS:-4}" --vision-hidden "${VISION_HIDDEN:-64}" \
         --vision-depth "${VISION_DEPTH:-2}"
     # 3+4. teacher CoT from the dense captions (with deliberate mistakes) and the IoU split:
-    #      IoU > 0.8 -> coldstart.jsonl, 0.4 <= IoU <= 0.8 -> rl.jsonl, IoU < 0.4 dropped. Cached: re-runs are free.
+    #      IoU > 0.8 -> coldstart.jsonl, 0.4 <= IoU <= 0.8 -> rl.jsonl, IoU < 0.4 dropped (and, for the
+    #      ablations, the same without the filters: *_unfiltered.jsonl). Cached: re-runs are free.
     run python annotate.py --data "$RUN/data/train.jsonl" --teacher captions --noise "${NOISE:-0.3}" \
         --out "$RUN/annotate" ${ANNOTATE_ARGS:-}
-    # 5. cold-start SFT (resumable; a finished run returns at once). The random ViT stays frozen: trained
-    #    from scratch on this little data it collapses to one vector for every video token (model.freeze_vision).
-    run python sft.py --model "$RUN/base_model" --data "$RUN/annotate/coldstart.jsonl" --out "$RUN/sft" \
-        --max-steps "${SFT_STEPS:-1800}" --batch-size "${SFT_BATCH:-32}" --micro-batch "${SFT_BATCH:-32}" \
-        --lr "${SFT_LR:-2e-3}" --freeze-vision \
-        --warmup-ratio 0.05 $VIDEO --resume ${SFT_ARGS:-}
-    # 6. GRPO from the SFT model on the RL set (the original ground truth), reward 0.9 IoU + 0.1 format
-    local GRPO="grpo.py --model $RUN/sft/model --data $RUN/annotate/rl.jsonl --steps ${GRPO_STEPS:-40} --group-size 8 \
-        --prompts-per-step ${GRPO_PROMPTS:-8} --lr ${GRPO_LR:-1e-5} --max-new-tokens ${MAX_NEW_TOKENS:-200} \
-        --freeze-vision $VIDEO --resume ${GRPO_ARGS:-}"
-    run python $GRPO --out "$RUN/grpo"
-    # 6b. TaRO (bash run.sh taro): the same command with --taro (guided rollouts from the dense captions
-    #     over one epoch, the temporal-sensitivity bonus), from the same SFT model, on the same data
-    local models="base sft grpo"
-    if [ $TARO = 1 ]; then
-        run python $GRPO --out "$RUN/taro" --taro ${TARO_ARGS:-}
-        models="$models taro"
-    fi
-    # 7. held-out test videos: base, SFT, SFT+GRPO (+TaRO), and the best constant span fitted on the train set
-    local name
-    for name in $models; do
-        local model_dir=$RUN/$name/model
-        [ $name = base ] && model_dir=$RUN/base_model
-        [ -f "$RUN/eval/$name/metrics.json" ] || run python eval.py --model "$model_dir" \
-            --data "$RUN/data/test.jsonl" --out "$RUN/eval/$name" $VIDEO \
+
+    # 5-7 per training seed (the same data; seed 0 in $RUN, seed s in $RUN/seed$s): the cold-start SFT,
+    # GRPO from it, and their evals on the held-out test videos. Every stage is resumable and a finished
+    # one returns at once. The random ViT stays frozen: trained from scratch on this little data it
+    # collapses to one vector for every video token (model.freeze_vision).
+    local ANN=$RUN/annotate seed S
+    sft_stage() {  # sft_stage OUT DATA: cold-start SFT of the base model
+        run python sft.py --model "$RUN/base_model" --data "$2" --out "$1" --seed $seed \
+            --max-steps "${SFT_STEPS:-900}" --batch-size "${SFT_BATCH:-32}" --micro-batch "${SFT_BATCH:-32}" \
+            --lr "${SFT_LR:-2e-3}" --schedule "${SFT_SCHEDULE:-constant}" --freeze-vision --warmup-ratio 0.05 \
+            $VIDEO --resume ${SFT_ARGS:-}
+    }
+    grpo_stage() {  # grpo_stage OUT MODEL DATA [STEPS [extra flags]]: GRPO, reward 0.9 IoU + 0.1 format (original GT)
+        run python grpo.py --model "$2" --data "$3" --out "$1" --seed $seed --steps "${4:-${GRPO_STEPS:-250}}" \
+            --group-size 8 --prompts-per-step "${GRPO_PROMPTS:-8}" --lr "${GRPO_LR:-5e-5}" \
+            --max-new-tokens "${MAX_NEW_TOKENS:-200}" --freeze-vision $VIDEO --resume ${GRPO_ARGS:-} "${@:5}"
+    }
+    eval_stage() {  # eval_stage OUT MODEL: the held-out test videos
+        [ -f "$1/metrics.json" ] || run python eval.py --model "$2" --data "$RUN/data/test.jsonl" --out "$1" $VIDEO \
             --max-new-tokens "${MAX_NEW_TOKENS:-200}" --batch-size 40 ${EVAL_ARGS:-}
+    }
+    for seed in $(seq 0 $((SEEDS - 1))); do
+        S=$RUN; [ $seed = 0 ] || S=$RUN/seed$seed
+        sft_stage "$S/sft" "$ANN/coldstart.jsonl"
+        eval_stage "$S/eval/sft" "$S/sft/model"
+        grpo_stage "$S/grpo" "$S/sft/model" "$ANN/rl.jsonl"
+        eval_stage "$S/eval/grpo" "$S/grpo/model"
+        if [ $MODE = taro ]; then  # the same GRPO command with --taro (TaRO's constants), same start and data
+            grpo_stage "$S/taro" "$S/sft/model" "$ANN/rl.jsonl" "" --taro ${TARO_ARGS:-}
+            eval_stage "$S/eval/taro" "$S/taro/model"
+        fi
+        if [ $MODE = ablations ]; then  # the paper's Tables 3 and 4: one switch each, the rest shared
+            sft_stage "$S/sft_unfiltered" "$ANN/coldstart_unfiltered.jsonl"           # R1-U: every teacher answer
+            grpo_stage "$S/grpo_r1u" "$S/sft_unfiltered/model" "$ANN/rl.jsonl"
+            grpo_stage "$S/grpo_rl_unfiltered" "$S/sft/model" "$ANN/rl_unfiltered.jsonl"  # the IoU < 0.4 kept
+            # R1-Zero: GRPO from the base model. A random-init base earns no reward (no answer parses), so
+            # every group's advantage is 0 and nothing moves: a few steps show it (ZERO_STEPS).
+            grpo_stage "$S/zero" "$RUN/base_model" "$ANN/rl.jsonl" "${ZERO_STEPS:-20}"
+            grpo_stage "$S/zero_unfiltered" "$RUN/base_model" "$ANN/rl_unfiltered.jsonl" "${ZERO_STEPS:-20}"
+            local name
+            for name in grpo_r1u grpo_rl_unfiltered zero zero_unfiltered; do
+                eval_stage "$S/eval/$name" "$S/$name/model"
+            done
+        fi
     done
+    eval_stage "$RUN/eval/base" "$RUN/base_model"  # the same base model for every seed
     [ -f "$RUN/eval/constant_baseline/metrics.json" ] || run python eval.py baseline \
         --train "$RUN/data/train.jsonl" --test "$RUN/data/test.jsonl" --out "$RUN/eval/constant_baseline"
-    run python - "$RUN" $((SECONDS - t0)) <<'EOF'
-import json, os, sys
-run, wall = sys.argv[1], float(sys.argv[2])
+    run python - "$RUN" $((SECONDS - t0)) "$SEEDS" "$MODE" <<'EOF'
+import json, math, os, sys
+run, wall, seeds, mode = sys.argv[1], float(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+keys = ("R1@0.3", "R1@0.5", "R1@0.7", "mIoU")
+dirs = [run] + [f"{run}/seed{s}" for s in range(1, seeds)]
+
+
+def metrics(path):
+    m = json.load(open(f"{path}/metrics.json"))["overall"]
+    return {k: m[k] for k in keys + ("n",)}
+
+
+def mean_std(rows):  # over seeds, sample std (n - 1)
+    out = {}
+    for k in keys:
+        xs = [r[k] for r in rows]
+        mu = sum(xs) / len(xs)
+        out[k] = mu
+        out[k + "_std"] = math.sqrt(sum((x - mu) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
+    out["n"], out["seeds"] = rows[0]["n"], len(rows)
+    return out
+
+
+def table(title, rows):
+    print(f"\n{title}")
+    print(f"{'model':<34}" + "".join(f"{k:>15}" for k in keys))
+    for label, r in rows:
+        cells = (f"{r[k]:>9.2f} ± {r[k + '_std']:<4.2f}" if r.get("seeds", 1) > 1 else f"{r[k]:>15.2f}" for k in keys)
+        print(f"{label:<34}" + "".join(cells))
+
+
 rows = {"base": "base (random init)", "sft": "cold-start SFT", "grpo": "SFT + GRPO", "taro": "SFT + TaRO",
         "constant_baseline": "best constant span"}
-rows = {k: v for k, v in rows.items() if os.path.isfile(f"{run}/eval/{k}/metrics.json")}
-res = {}
-print(f"\nTiny preset, held-out synthetic test set ({run}/eval), percent:")
-print(f"{'model':<22}{'R1@0.3':>9}{'R1@0.5':>9}{'R1@0.7':>9}{'mIoU':>9}")
-for k, label in rows.items():
-    m = json.load(open(f"{run}/eval/{k}/metrics.json"))["overall"]
-    res[k] = {key: m[key] for key in ("R1@0.3", "R1@0.5", "R1@0.7", "mIoU", "n")}
-    print(f"{label:<22}" + "".join(f"{m[key]:>9.2f}" for key in ("R1@0.3", "R1@0.5", "R1@0.7", "mIoU")))
+res = {k: metrics(f"{run}/eval/{k}") for k in rows if os.path.isfile(f"{run}/eval/{k}/metrics.json")}
+table(f"Tiny preset, held-out synthetic test set ({run}/eval), percent, seed 0:",
+      [(rows[k], res[k]) for k in res])
+if seeds > 1:
+    res["seeds"] = [{"seed": s, **{k: metrics(f"{d}/eval/{k}") for k in ("sft", "grpo", "taro")
+                                   if os.path.isfile(f"{d}/eval/{k}/metrics.json")}} for s, d in enumerate(dirs)]
+    mean = {k: mean_std([r[k] for r in res["seeds"]]) for k in ("sft", "grpo", "taro")
+            if all(k in r for r in res["seeds"])}
+    res["mean_over_seeds"] = mean
+    table(f"The same over {seeds} training seeds (mean ± std):", [(rows[k], mean[k]) for k in mean])
+    lifts = [r["grpo"]["mIoU"] - r["sft"]["mIoU"] for r in res["seeds"]]
+    print(f"GRPO's lift over SFT, mIoU points, per seed: {', '.join(f'{x:+.2f}' for x in lifts)}")
+if mode == "ablations":
+    ab = {"sft": "SFT only (filtered cold start)", "grpo": "TVG-R1: filtered + filtered RL",
+          "grpo_r1u": "R1-U: unfiltered cold start", "grpo_rl_unfiltered": "unfiltered RL data",
+          "zero": "R1-Zero (RL data filtered)", "zero_unfiltered": "R1-Zero (RL data unfiltered)"}
+    res["ablations"] = {k: mean_std([metrics(f"{d}/eval/{k}") for d in dirs]) for k in ab}
+    table(f"Ablations (the paper's Tables 3 and 4), mean ± std over {seeds} seeds, percent:",
+          [(ab[k], res["ablations"][k]) for k in ab])
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
+    for name, label in (("grpo", "TVG-R1 (SFT + GRPO)"), ("zero", "R1-Zero (GRPO from the base)")):
+        recs = [json.loads(ln) for ln in open(f"{run}/{name}/metrics.jsonl") if ln.strip()]
+        a.plot([r["step"] for r in recs], [r["reward"] for r in recs], label=label)
+        b.plot([r["step"] for r in recs], [r["length"] for r in recs], label=label)
+    a.set(xlabel="step", ylabel="mean reward", title="reward (0.9 IoU + 0.1 format)")
+    b.set(xlabel="step", ylabel="tokens", title="response length")
+    a.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(f"{run}/ablations.png", dpi=120)
+    print(f"\nwrote {run}/ablations.png (reward and response length, TVG-R1 against R1-Zero, seed 0)")
 res["wall_seconds"] = wall  # this invocation's wall time (stages found done are not re-counted)
 tmp = f"{run}/results.json.tmp"
 json.dump(res, open(tmp, "w"), indent=2)
 os.replace(tmp, f"{run}/results.json")
-curves = " and ".join(f"{run}/{k}/curves.png" for k in ("grpo", "taro") if k in rows)
+curves = " and ".join(f"{run}/{k}/curves.png" for k in ("grpo", "taro") if k in res)
 print(f"\nwrote {run}/results.json; reward curves: {curves}; wall time {wall:.0f} s")
 EOF
 }
@@ -301,8 +379,9 @@ case "${1:-}" in
     test) shift; run python -m pytest -q tests "$@" ;;
     tiny) shift; tiny "$@" ;;
     taro) shift; tiny --taro "$@" ;;
+    ablations) shift; tiny --ablations "$@" ;;
     paper) shift; paper "$@" ;;
     gpu-check) shift; run python gpu_check.py "$@" ;;
     "") if has_gpu; then paper; else tiny; fi ;;
-    *) echo "usage: bash run.sh [tiny [--fresh] | taro [--fresh] | paper [--dry-run | --rehearsal] | gpu-check | test [pytest args]]" >&2; exit 2 ;;
+    *) echo "usage: bash run.sh [tiny [--fresh] | taro [--fresh] | ablations | paper [--dry-run | --rehearsal] | gpu-check | test [pytest args]]" >&2; exit 2 ;;
 esac

@@ -91,6 +91,28 @@ def test_judge_malformed_answers():
     assert reward.format_reward(data.format_answer("a then b", [1, 2])) == 1.0
 
 
+
+def test_split_with_and_without_the_filters():
+    """The paper's split, and the unfiltered files its ablations train on (Tables 3 and 4)."""
+    samples = [data.Sample(id=i, video="v.mp4", duration=20.0, query="q", spans=[[0.0, 10.0]], source="synthetic")
+               for i in ("good", "mid", "bad", "malformed", "failed", "missing")]
+    final = {i: annotate.Annotation(i, "synthetic", "t", "m", status, resp, span, iou)
+             for i, status, resp, span, iou in [
+                 ("good", "ok", answer(0, 10), [0.0, 10.0], 1.0),
+                 ("mid", "ok", answer(0, 6), [0.0, 6.0], 0.6),
+                 ("bad", "ok", answer(15, 20), [15.0, 20.0], 0.0),
+                 ("malformed", "malformed", "garbage", None, 0.0),
+                 ("failed", "failed", None, None, 0.0)]}  # "missing": never answered
+    cold, rl, rows, unfiltered = annotate.split_samples(samples, final, 0.8, 0.4, rl_include_coldstart=False)
+    assert [s.id for s in cold] == ["good"] and cold[0].answer == [0.0, 10.0] and cold[0].cot
+    assert [s.id for s in rl] == ["mid"] and rl[0].spans == [[0.0, 10.0]]  # RL keeps the original GT
+    # R1-U's cold start: every well-formed answer is a target, its own span the answer, however wrong
+    assert [(s.id, s.answer) for s in unfiltered["coldstart"]] == [("good", [0.0, 10.0]), ("mid", [0.0, 6.0]),
+                                                                   ("bad", [15.0, 20.0])]
+    # unfiltered RL: everything outside the cold start, the IoU < 0.4 and unanswered ones kept
+    assert [s.id for s in unfiltered["rl"]] == ["mid", "bad", "malformed", "failed", "missing"]
+    assert all(s.cot is None for s in unfiltered["rl"])
+    assert rows["synthetic"]["dropped"] == 1 and rows["synthetic"]["failed"] == 3
 def test_bad_flags_and_missing_key_are_clear_errors(tmp_path, synth_dir, monkeypatch, capsys):
     path, _ = make_data(tmp_path, synth_dir, 1)
     for flags in (["--hi", "0.3", "--lo", "0.5"], ["--noise", "2"]):

@@ -11,8 +11,8 @@ SMALL = dict(TRAIN_VIDEOS="4", TEST_VIDEOS="2", HIDDEN="32", LAYERS="1", VISION_
              NOISE="0.5", ANNOTATE_ARGS="--rl-include-coldstart")
 
 
-def run_tiny(run_dir, *extra, cmd="tiny"):
-    env = dict(os.environ, RUN=str(run_dir), **SMALL)
+def run_tiny(run_dir, *extra, cmd="tiny", **settings):
+    env = dict(os.environ, RUN=str(run_dir), **SMALL, **settings)
     return subprocess.run(["bash", str(ROOT / "run.sh"), cmd, *extra], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=900)
 
@@ -49,6 +49,23 @@ def test_tiny_preset_smoke(tmp_path):
     with_taro = json.loads((run_dir / "results.json").read_text())
     assert with_taro["taro"]["n"] == 6 and with_taro["grpo"] == res["grpo"]  # plain GRPO is not re-run
     assert "guided" in (run_dir / "taro" / "metrics.jsonl").read_text().splitlines()[0]
+
+    # bash run.sh ablations on the same run: seed 0's SFT and GRPO are reused, seed 1 is trained, and
+    # each switch of the paper's Tables 3 and 4 gets its row (mean ± std over the 2 seeds) and the figure
+    ab = run_tiny(run_dir, cmd="ablations", ZERO_STEPS="1")
+    assert ab.returncode == 0, ab.stdout[-3000:] + ab.stderr[-3000:]
+    assert f"final model in {run_dir}/seed1/sft/model" in ab.stdout  # seed 1 trained
+    assert f"final model in {run_dir}/sft/model" not in ab.stdout  # seed 0 found done
+    for flag in ("coldstart_unfiltered.jsonl", "rl_unfiltered.jsonl", f"--model {run_dir}/base_model"):
+        assert flag in ab.stdout, flag
+    res = json.loads((run_dir / "results.json").read_text())
+    assert [r["seed"] for r in res["seeds"]] == [0, 1] and set(res["seeds"][1]) >= {"sft", "grpo"}
+    rows = res["ablations"]
+    assert set(rows) == {"sft", "grpo", "grpo_r1u", "grpo_rl_unfiltered", "zero", "zero_unfiltered"}
+    assert all(r["seeds"] == 2 and r["n"] == 6 and "mIoU_std" in r for r in rows.values())
+    assert rows["grpo"]["mIoU"] == res["mean_over_seeds"]["grpo"]["mIoU"]
+    assert "R1-Zero (RL data filtered)" in ab.stdout and "GRPO's lift over SFT" in ab.stdout
+    assert (run_dir / "ablations.png").stat().st_size > 0
 
 
 def test_paper_dry_run_checks_the_16_gpu_plan():
