@@ -179,9 +179,31 @@ def extract(parts: list[Path], dest: Path) -> int:
         n = 0
         with Parts(parts, bar.update) as stream, tarfile.open(fileobj=stream, mode="r|gz") as tar:
             for member in tar:
-                tar.extract(member, dest, filter="data")
+                if hasattr(tarfile, "data_filter"):
+                    tar.extract(member, dest, filter="data")
+                else:  # Python < 3.11.4 / 3.10.12 (Debian 12 ships 3.11.2): the same refusals, by hand
+                    tar.extract(_checked_member(member, dest, parts[0]), dest)
                 n += member.isfile()
         return n
+
+
+def _checked_member(member: tarfile.TarInfo, dest: Path, archive: Path) -> tarfile.TarInfo:
+    """What tarfile's "data" filter refuses, for Pythons without it: a member or link target outside
+    `dest` (absolute, `..`), and anything but files, directories and links."""
+    root = dest.resolve()
+
+    def inside(name: str, base: Path) -> bool:
+        return not os.path.isabs(name) and (base / name).resolve().is_relative_to(root)
+
+    ok = inside(member.name, root) and (member.isfile() or member.isdir() or member.issym() or member.islnk())
+    if ok and member.issym():
+        ok = inside(member.linkname, (root / member.name).parent)
+    elif ok and member.islnk():
+        ok = inside(member.linkname, root)
+    if not ok:
+        raise SystemExit(f"{archive}: member {member.name!r} would be written outside {dest} or is not a "
+                         f"plain file, directory or link; refusing to extract")
+    return member
 
 
 def marker(root: Path, item: Item) -> Path:

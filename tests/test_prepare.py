@@ -303,3 +303,48 @@ def test_no_project_file_reads_outside_the_repo():
     hits = [f for f in files if (ROOT / f).is_file() and f.endswith((".py", ".sh", ".md", ".txt", ".json", ".cfg"))
             and any(n in (ROOT / f).read_text(errors="ignore") for n in needles)]
     assert hits == []
+
+
+def _tar_gz(path: Path, members: list[tuple[str, str]]) -> Path:
+    """A .tar.gz of (name, kind) members: kind "file", or "sym:TARGET" for a symlink."""
+    import io
+    import tarfile
+    with tarfile.open(path, "w:gz") as tar:
+        for name, kind in members:
+            info = tarfile.TarInfo(name)
+            if kind.startswith("sym:"):
+                info.type, info.linkname = tarfile.SYMTYPE, kind[4:]
+                tar.addfile(info)
+            else:
+                info.size = 3
+                tar.addfile(info, io.BytesIO(b"mp4"))
+    return path
+
+
+@pytest.mark.parametrize("name,kind", [("../evil.mp4", "file"), ("ABS/evil.mp4", "file"),
+                                       ("a/../../evil.mp4", "file"), ("link", "sym:../../etc/passwd"),
+                                       ("link", "sym:/etc/passwd")])
+def test_extract_refuses_members_outside_the_destination(tmp_path, name, kind):
+    """Both ways of refusing (tarfile's "data" filter where Python has it, our check where it does not:
+    Debian 12's Python 3.11.2 has no filter) refuse what would land outside the videos folder."""
+    import tarfile
+    name = name.replace("ABS", str(tmp_path))  # an absolute path
+    archive = _tar_gz(tmp_path / "videos.tar.gz", [("ok/a.mp4", "file"), (name, kind)])
+    dest = tmp_path / "out" / "videos"
+    dest.mkdir(parents=True)
+    try:
+        prepare.extract([archive], dest)
+    except (SystemExit, tarfile.TarError):
+        pass
+    else:  # only tarfile's filter lets one through, an absolute name, stripped of its "/" to land inside
+        assert name.startswith("/") and (dest / name.lstrip("/")).is_file()
+    with tarfile.open(archive) as tar:
+        bad = tar.getmember(name)
+    with pytest.raises(SystemExit, match="outside"):
+        prepare._checked_member(bad, dest, archive)
+    assert not (tmp_path / "out" / "evil.mp4").exists() and not (tmp_path / "evil.mp4").exists()
+    # what stays inside passes the check and is extracted
+    good = _tar_gz(tmp_path / "good.tar.gz", [("ok/b.mp4", "file"), ("ok/c.mp4", "sym:b.mp4")])
+    with tarfile.open(good) as tar:
+        assert all(prepare._checked_member(m, dest, good) is m for m in tar.getmembers())
+    assert prepare.extract([good], dest) == 1 and (dest / "ok" / "b.mp4").read_bytes() == b"mp4"
