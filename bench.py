@@ -34,8 +34,11 @@ Then eval.py's generation with the same weights (greedy, one query per generate 
 --new-tokens tokens, videos decoded inline: every second of work is on the clock) on a file of
 --queries-per-video queries about each of --eval-videos videos, answered per query (each query decodes
 its video, `generate` encodes it: `eval.py --no-group-videos`) and grouped by video (decoded and
-encoded once for all of its queries: eval.py's default). The answers are asserted identical, and:
-    eval speedup: per query / grouped
+encoded once for all of its queries: eval.py's default; the answers are asserted identical) and
+grouped and batched (a video's queries in one generate call, the prompt they share prefilled once:
+eval.py --batch-size Q; not bit-identical, the agreement is printed):
+    eval speedup: per query / grouped and batched
+    eval speedup, bit-identical: per query / grouped
 """
 from __future__ import annotations
 
@@ -75,12 +78,12 @@ def naive_logprobs(model, batch, ids, mask, temperature: float, with_entropy: bo
     return (logp, -(logp_all.exp() * logp_all).sum(-1)) if with_entropy else logp
 
 
-def time_eval(model, processor, queries: list, gen_kwargs: dict, vkw: dict, group_videos: bool):
-    """eval.py's generation loop over `queries` (`ev.by_video` order), one query per generate call and no
-    decoding ahead -> (seconds, responses)."""
+def time_eval(model, processor, queries: list, gen_kwargs: dict, vkw: dict, group_videos: bool, batch_size: int = 1):
+    """eval.py's generation loop over `queries` (`ev.by_video` order), `batch_size` queries per generate
+    call and no decoding ahead -> (seconds, responses)."""
     t0 = time.time()
-    texts = [t for _, batch in ev.answer_batches(model, processor, queries, gen_kwargs, 1, group_videos, 0, **vkw)
-             for t in batch]
+    texts = [t for _, batch in ev.answer_batches(model, processor, queries, gen_kwargs, batch_size, group_videos, 0,
+                                                 **vkw) for t in batch]
     return time.time() - t0, texts
 
 
@@ -223,19 +226,28 @@ def main() -> None:
         queries = ev.by_video(data.read_jsonl(os.path.join(tmp, "e", "train.jsonl")))
         evaluator = M.load_model(os.path.join(tmp, "m")).eval()
         greedy = dict(predict.generation_kwargs(processor.tokenizer, a.new_tokens, 0.0), min_new_tokens=a.new_tokens)
-        time_eval(evaluator, processor, queries[:1], greedy, vkw, True)  # warm-up
-        evals = {False: [], True: []}
+        time_eval(evaluator, processor, queries[:2], greedy, vkw, True, 2)  # warm-up
+        # (group by video, queries per generate call): eval.py --no-group-videos; the default
+        # (--batch-size 1); --batch-size Q (a video's queries answered together, their prompt prefilled once)
+        modes = {"per query": (False, 1), "grouped": (True, 1), "batched": (True, a.queries_per_video)}
+        evals = {m: [] for m in modes}
         for _ in range(a.repeats):  # interleaved, as above
-            for group in (False, True):
-                evals[group].append(time_eval(evaluator, processor, queries, greedy, vkw, group))
-        per, grouped = (min(t for t, _ in evals[g]) for g in (False, True))
-        assert evals[False][-1][1] == evals[True][-1][1], "grouped answers differ from per-query answers"
+            for m, (group, bs) in modes.items():
+                evals[m].append(time_eval(evaluator, processor, queries, greedy, vkw, group, bs))
+        per, grouped, batched = (min(t for t, _ in evals[m]) for m in modes)
+        ref = evals["per query"][-1][1]
+        assert evals["grouped"][-1][1] == ref, "grouped answers differ from per-query answers"
+        same = sum(x == y for x, y in zip(evals["batched"][-1][1], ref))
         q = len(queries)
         print(f"eval of {q} queries about {a.eval_videos} videos, {a.new_tokens} new tokens each: per query "
-              f"{per:.2f} s ({per / q:.3f} s a query), grouped by video {grouped:.2f} s ({grouped / q:.3f} s a query); "
-              f"same answers: True")
-        print(f"eval speedup: {per / grouped:.2f}x  (per query {per:.2f} s vs grouped {grouped:.2f} s: each video "
-              f"decoded and encoded once for its {a.queries_per_video} queries)")
+              f"{per:.2f} s ({per / q:.3f} s a query); grouped by video {grouped:.2f} s ({grouped / q:.3f} s a "
+              f"query), same answers: True; grouped and batched {batched:.2f} s ({batched / q:.3f} s a query), "
+              f"same answers: {same} of {q}")
+        print(f"eval speedup: {per / batched:.2f}x  (per query {per:.2f} s vs grouped and batched {batched:.2f} s: "
+              f"each video decoded, encoded and its prompt prefilled once, its {a.queries_per_video} answers decoded "
+              f"together: eval.py --batch-size {a.queries_per_video})")
+        print(f"eval speedup, bit-identical: {per / grouped:.2f}x  (per query vs grouped {grouped:.2f} s: each video "
+              f"decoded and encoded once, its queries answered one at a time: eval.py's default)")
 
 if __name__ == "__main__":
     main()

@@ -326,6 +326,25 @@ def build_inputs(processor, samples: list[Sample], videos: list | None = None, a
                      return_tensors="pt")
 
 
+def prompt_ids(processor, samples: list[Sample], n_video_tokens: int, nframes: int = NFRAMES,
+               max_pixels: int = MAX_PIXELS, min_pixels: int = MIN_PIXELS) -> list:
+    """The generation prompts' token ids (unpadded, one 1-D tensor each) of samples whose video has
+    n_video_tokens tokens, without processing the video: what `build_inputs` tokenizes (the processor
+    writes the video placeholder n times, then tokenizes), for several queries about one video that
+    has gone through the processor once."""
+    import torch
+    tok = processor.tokenizer
+    out = []
+    for s in samples:
+        text = processor.apply_chat_template(build_messages(s, nframes, max_pixels, min_pixels), tokenize=False,
+                                             add_generation_prompt=True)
+        if text.count(processor.video_token) != 1:
+            raise ValueError(f"sample {s.id}: the prompt holds {text.count(processor.video_token)} video placeholders, not 1")
+        text = text.replace(processor.video_token, processor.video_token * n_video_tokens)
+        out.append(torch.tensor(tok(text)["input_ids"], dtype=torch.long))
+    return out
+
+
 # -----------------------------------------------------------------------------
 # TaRO (grpo.py --taro): the shuffled video of the temporal-sensitivity reward and the guided prefix.
 # Released code: github oceanflowlab/TaRO @ 143a234, src/utils.py.

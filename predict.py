@@ -133,6 +133,77 @@ def generate_encoded(model, processor, samples: list, videos: list, encoded: dic
     return seqs[:, inputs["input_ids"].shape[1]:]
 
 
+def generate_shared_prompts(model, processor, samples: list, videos: list, encoded: dict, gen_kwargs: dict,
+                            nframes: int = data.NFRAMES, max_pixels: int = data.MAX_PIXELS,
+                            min_pixels: int = data.MIN_PIXELS):
+    """Like `generate_encoded` (one generate call, a row per sample, each video through the vision tower
+    at most once), with each video's prompt prefilled once for all of its queries in the batch.
+    -> (len(samples), new) token ids.
+
+    The queries about one video share their prompt up to the query ([system; video; ...]: P_v tokens,
+    the longest common prefix) and differ after it. One forward prefills the V videos' prefixes,
+    left-padded to the longest (V, max P_v); its cache rows are then picked for each query's row
+    (rows, H_kv, max P_v, d). A row is [pad; prefix_v; pad; suffix_q] (rows, max P_v + max suffix), the
+    pads masked, and generate computes the suffixes and decodes every row together. Positions stay
+    those of the unpadded prompt: generate counts a row's positions by its attention mask's cumulative
+    sum (pads do not count) plus its video's rope offset from the prefill (the text after a video
+    resumes after its last position).
+
+    Not bit-identical to asking each query alone (batch 1): a row's sums run in another order in a
+    batched matmul, so a greedy near-tie can flip."""
+    import torch
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+    vkw = dict(nframes=nframes, max_pixels=max_pixels, min_pixels=min_pixels)
+    dev, pad = model.device, processor.tokenizer.pad_token_id
+    order = list(dict.fromkeys(s.video for s in samples))  # the batch's V videos, in order of first row
+    vid = [order.index(s.video) for s in samples]  # each row's video
+    first = [vid.index(k) for k in range(len(order))]  # each video's first row
+    inputs = data.build_inputs(processor, [samples[i] for i in first], [videos[i] for i in first], **vkw).to(dev)
+    keep, grids = inputs["attention_mask"].bool(), inputs["video_grid_thw"]  # (V, L), (V, 3)
+    rows = [None] * len(samples)  # each row's unpadded prompt ids
+    for k, i in enumerate(first):  # the video processed once, its other queries only tokenized
+        rows[i] = inputs["input_ids"][k][keep[k]]
+        rest = [j for j in range(len(samples)) if vid[j] == k and j != i]
+        n_video = int(grids[k].prod()) // model.config.vision_config.spatial_merge_size ** 2
+        for j, r in zip(rest, data.prompt_ids(processor, [samples[j] for j in rest], n_video, **vkw)):
+            rows[j] = r.to(dev)
+    P = []  # each video's common prefix, leaving every row at least one token for generate to compute
+    for k in range(len(order)):
+        own = [r for r, v in zip(rows, vid) if v == k]
+        shortest = min(len(r) for r in own)
+        same = torch.stack([r[:shortest] for r in own]).eq(own[0][:shortest]).all(0)
+        P.append(min(int(same.long().cumprod(0).sum()), shortest - 1))
+        if not (own[0][P[-1]:] != model.config.video_token_id).all():
+            raise ValueError(f"{order[k]}: the prompts' common prefix does not hold the whole video")
+    Pmax, S = max(P), max(len(r) - P[v] for r, v in zip(rows, vid))
+    ids = torch.full((len(order), Pmax), pad, dtype=torch.long, device=dev)  # (V, Pmax) prefixes, left-padded
+    mask, types = torch.zeros_like(ids), torch.zeros_like(ids)
+    for k, i in enumerate(first):
+        ids[k, Pmax - P[k]:], mask[k, Pmax - P[k]:] = rows[i][:P[k]], 1
+        types[k, Pmax - P[k]:] = inputs["mm_token_type_ids"][k][keep[k]][:P[k]]
+    with torch.inference_mode():
+        todo = [k for k, v in enumerate(order) if v not in encoded]
+        if todo:  # one vision call for the batch's new videos
+            ends = grids.prod(1).cumsum(0).tolist()
+            pixels = torch.cat([inputs["pixel_values_videos"][ends[k] - int(grids[k].prod()):ends[k]] for k in todo])
+            for k, f in zip(todo, model.get_video_features(pixels, grids[todo]).pooler_output):
+                encoded[order[k]] = f
+        feats = BaseModelOutputWithPooling(pooler_output=tuple(encoded[v] for v in order))
+        cache = model(input_ids=ids, attention_mask=mask, mm_token_type_ids=types, video_grid_thw=grids,
+                      second_per_grid_ts=inputs["second_per_grid_ts"], mm_encoder_outputs={"video": feats},
+                      use_cache=True, logits_to_keep=1).past_key_values
+        pick = torch.tensor(vid, device=dev)
+        cache.batch_select_indices(pick)  # (rows, H_kv, Pmax, d): each row its video's prefix
+        model.model.rope_deltas = model.model.rope_deltas[pick]  # (rows, 1)
+        full = torch.full((len(samples), Pmax + S), pad, dtype=torch.long, device=dev)
+        full_mask = torch.zeros_like(full)
+        full[:, :Pmax], full_mask[:, :Pmax] = ids[pick], mask[pick]
+        for i, (r, k) in enumerate(zip(rows, vid)):  # the suffix right-aligned: pads between prefix and suffix
+            full[i, Pmax + S - (len(r) - P[k]):], full_mask[i, Pmax + S - (len(r) - P[k]):] = r[P[k]:], 1
+        seqs = model.generate(input_ids=full, attention_mask=full_mask, past_key_values=cache, **gen_kwargs)
+    return seqs[:, Pmax + S:]
+
+
 def answer(model, processor, video_path: str, video, queries: list[str], gen_kwargs: dict, samples: int = 1,
            nframes: int = data.NFRAMES, max_pixels: int = data.MAX_PIXELS, min_pixels: int = data.MIN_PIXELS
            ) -> list[list[Answer]]:

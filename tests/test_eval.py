@@ -1,6 +1,7 @@
 """eval.py: scoring by hand-checked numbers and against a transcription of the paper's scorer, the
 `score` CLI, then the real script run tiny (one process, resumed, sharded over two, and the old way: each
 query decoding and encoding its video, for the same answers as grouping a video's queries)."""
+import dataclasses
 import json
 import random
 import re
@@ -18,6 +19,7 @@ from conftest import MAX_PIXELS, MIN_PIXELS, NFRAMES, ROOT, ASSETS
 
 FIXTURE = Path(__file__).parent / "fixtures" / "tricky_predictions.jsonl"
 PY = sys.executable
+VKW = dict(nframes=NFRAMES, max_pixels=MAX_PIXELS, min_pixels=MIN_PIXELS)
 
 
 def run(*args, check=True):
@@ -463,21 +465,79 @@ def test_each_video_decoded_and_encoded_once(video_model_dir, test_set, monkeypa
     monkeypatch.setattr(data, "load_video", lambda s, *args, **kw: decoded.append(s.id) or load_video(s, *args, **kw))
     hook = m.model.visual.register_forward_hook(lambda *_: encoded.append(1))  # counts vision tower runs
 
+    calls = []
+
     def answer(batch_size, group_videos):
         decoded.clear()
         encoded.clear()
-        texts = [t for _, batch in ev.answer_batches(m, processor, todo, gen, batch_size, group_videos, 2, NFRAMES,
-                                                     MAX_PIXELS, MIN_PIXELS) for t in batch]
+        calls.clear()
+        texts = []
+        for batch, out in ev.answer_batches(m, processor, todo, gen, batch_size, group_videos, 2, NFRAMES,
+                                            MAX_PIXELS, MIN_PIXELS):
+            calls.append([s.id for s in batch])
+            texts += out
         return texts, len(decoded), len(encoded)
     try:
         alone, grouped = answer(1, False), answer(1, True)
         straddling = answer(2, True)  # calls [a1 a2] [a3 b1] [b2 b3]: video a's queries in two calls
+        assert calls == [[s.id for s in todo[i:i + 2]] for i in (0, 2, 4)]
     finally:
         hook.remove()
     assert alone[1:] == (6, 6) and grouped[1:] == (2, 2) and straddling[1:] == (2, 2)
     assert grouped[0] == alone[0]  # exactly the same answers
     assert len(set(alone[0])) == 6  # a different answer to every query: a real comparison
-    assert len(straddling[0]) == 6
+    assert straddling[0] == alone[0]  # batched, a video's prompt prefilled once per call: the same here
+
+
+def test_a_videos_queries_batched_share_one_prefill(video_model_dir, test_set):
+    """--batch-size 3: each video's 3 queries in one generate call, the prompt up to the query prefilled
+    once (batch 1) and the 3 answers decoded together: the answers of asking each query alone. And
+    --batch-size 6: both videos in one call, their prefixes prefilled in one forward."""
+    import torch
+    import model
+    m, processor = model.load_model(video_model_dir).eval(), model.load_processor(video_model_dir)
+    todo = ev.by_video([s for s in data.read_jsonl(test_set) if s.id != "gone_0"])  # 2 videos x 3 queries
+    gen = predict.generation_kwargs(processor.tokenizer, 16, 0.0)
+    forwards = []  # (batch, tokens) of every language-model forward
+    hook = m.model.language_model.register_forward_hook(
+        lambda mod, args, kw, out: forwards.append(tuple(out.last_hidden_state.shape[:2])), with_kwargs=True)
+
+    def answer(batch_size):
+        forwards.clear()
+        return [t for _, b in ev.answer_batches(m, processor, todo, gen, batch_size, True, 0, NFRAMES, MAX_PIXELS,
+                                                MIN_PIXELS) for t in b]
+    try:
+        alone = answer(1)
+        alone_forwards = list(forwards)
+        batched = answer(3)
+        batched_forwards = list(forwards)
+        together = answer(6)
+    finally:
+        hook.remove()
+    assert batched == alone and len(set(alone)) == 6
+    n_video = int((data.build_inputs(processor, todo[:1], **VKW)["input_ids"] == m.config.video_token_id).sum())
+    # the prompts (the only forwards longer than the video) run 6 times alone, twice batched (batch 1 each)
+    assert sorted(b for b, t in alone_forwards if t > n_video) == [1] * 6
+    assert [b for b, t in batched_forwards if t > n_video] == [1, 1]
+    # then per video: one forward of the 3 queries' own tokens, and one per new token, 3 rows each
+    assert {b for b, t in batched_forwards if t <= n_video} == {3}
+    assert len(batched_forwards) < len(alone_forwards) / 2
+    assert together == alone
+    # both prefixes in one forward (batch 2), then the 6 rows together
+    assert [b for b, t in forwards if t > n_video] == [2] and {b for b, t in forwards if t <= n_video} == {6}
+
+
+def test_prompt_ids_are_build_inputs_ids(video_model_dir, test_set):
+    import model
+    processor = model.load_processor(video_model_dir)
+    samples = [s for s in data.read_jsonl(test_set) if s.id != "gone_0"][:3]
+    batch = data.build_inputs(processor, samples, **VKW)
+    n_video = int((batch["input_ids"][0] == processor.tokenizer.convert_tokens_to_ids("<|video_pad|>")).sum())
+    rows = data.prompt_ids(processor, samples, n_video, **VKW)
+    assert [r.tolist() for r in rows] == [ids[m.bool()].tolist() for ids, m in zip(batch["input_ids"],
+                                                                                    batch["attention_mask"])]
+    with pytest.raises(ValueError, match="video placeholders"):
+        data.prompt_ids(processor, [dataclasses.replace(samples[0], query="see <|video_pad|> here")], n_video, **VKW)
 
 
 def test_real_benchmark_files_go_through_the_readers(tmp_path):
@@ -533,3 +593,22 @@ def test_eval_writes_cases_png(one_process):
     with Image.open(out / "cases.png") as im:  # the 6 answered samples (--cases 6), a row of 1.9 in at 80 dpi each
         assert im.format == "PNG" and im.size == (800, 6 * 152)
         assert len(im.convert("RGB").getcolors(1 << 16) or []) > 50  # frames drawn, not a blank page
+
+
+def test_prompts_of_different_lengths_share_one_call(video_model_dir, test_set):
+    """Two videos with different token counts (16 and 8 frames) in one call: the shorter prefix is
+    left-padded in the prefill, its rows' positions and rope offset are its own; each answer is the one
+    its query gets alone."""
+    import model
+    m, processor = model.load_model(video_model_dir).eval(), model.load_processor(video_model_dir)
+    todo = ev.by_video([s for s in data.read_jsonl(test_set) if s.id != "gone_0"])  # 2 videos x 3 queries
+    videos = {todo[0].video: data.load_video(todo[0], **VKW),
+              todo[3].video: data.load_video(todo[3], **dict(VKW, nframes=NFRAMES // 2))}
+    assert videos[todo[0].video][0].shape[0] != videos[todo[3].video][0].shape[0]
+    gen = predict.generation_kwargs(processor.tokenizer, 16, 0.0)
+    rows = [todo[0], todo[3], todo[1], todo[4]]  # interleaved videos
+    alone = [predict.generate_encoded(m, processor, [s], [videos[s.video]], {}, gen, **VKW)[0] for s in rows]
+    together = predict.generate_shared_prompts(m, processor, rows, [videos[s.video] for s in rows], {}, gen, **VKW)
+    text = lambda ids: processor.decode(ids, skip_special_tokens=True)  # noqa: E731  (pads dropped)
+    assert [text(b) for b in together] == [text(a) for a in alone]
+    assert len({text(a) for a in alone}) == 4
