@@ -18,6 +18,10 @@ small world with the same shapes, and `serve` speaks the hub's HTTP protocol ove
   written the authors' way (`/opt/tiger/video-r1/data/<source>/videos/<id>.mp4`); the cold-start file
   adds the teacher's reasoning under a name our converter must detect.
 * `Qwen/Qwen2.5-VL-7B-Instruct`: the tiny random Qwen2.5-VL (`model.py tiny`) under the 7B's name.
+* For our own annotation (ABLATIONS=1 rehearses it): `train_raw.json` (every training sample, no
+  reasoning: the TRAIN_JSON of `bash run.sh paper` with GEMINI_API_KEY) and `teacher.json`, the
+  answers of a Gemini stand-in (`serve --teacher`: `generateContent` with the video inline), keyed by
+  the video's bytes and the query.
 * The three benchmark annotation files, in their real formats (Charades-STA txt, NExT-GQA csv +
   gsub + map, ReXTime jsonl), pointing at the miniature's videos (not served: the repo ships the real
   ones in assets/; the rehearsal passes these instead, a location override).
@@ -53,8 +57,11 @@ class Hub:
     """A ThreadingHTTPServer on 127.0.0.1 serving ROOT in the hub's protocol; `with Hub(root) as hub:`
     then HF_ENDPOINT=hub.url."""
 
-    def __init__(self, root: str | Path, port: int = 0, log: str | Path | None = None):
+    def __init__(self, root: str | Path, port: int = 0, log: str | Path | None = None,
+                 teacher: str | Path | None = None):
         self.root = Path(root).resolve()
+        # the Gemini stand-in's answers (`build`'s teacher.json: "<sha256 of the mp4>:<query>" -> text)
+        self.teacher = json.loads(Path(teacher).read_text()) if teacher else None
         self.log = Path(log) if log else self.root.parent / "requests.jsonl"
         self.lock = threading.Lock()
         self.unavailable: set[str] = set()  # repo paths listed but not served (a test's lost connection)
@@ -157,6 +164,28 @@ def _handler(hub: Hub):
                 headers["Content-Range"] = f"bytes {start}-{size - 1}/{size}"
             self._send(206 if start else 200, body, headers, head)
 
+        def do_POST(self):
+            """Gemini's generateContent (`annotate.py --teacher gemini --base-url`): the video inline (the
+            rehearsal's files are far under the 20 MB inline limit), then the query; the answer is the
+            one `build` wrote for that video and query."""
+            body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)))
+            if hub.teacher is None or not self.path.endswith(":generateContent"):
+                return self._not_found()
+            import base64
+            parts = body["contents"][-1]["parts"]
+            video = next((p.get("inlineData") or p.get("inline_data"))["data"] for p in parts
+                         if "inlineData" in p or "inline_data" in p)
+            query = [p["text"] for p in parts if "text" in p][-1]
+            # google-genai sends the bytes URL-safe base64-encoded (- and _); this also reads the standard
+            # alphabet, and pads what the SDK may leave unpadded
+            raw = base64.urlsafe_b64decode(video + "=" * (-len(video) % 4))
+            key = f"{hashlib.sha256(raw).hexdigest()}:{query}"
+            text = hub.teacher.get(key, "I cannot tell.")  # an unknown video: an answer with no span
+            reply = {"candidates": [{"content": {"parts": [{"text": text}], "role": "model"}, "finishReason": "STOP"}],
+                     "usageMetadata": {"promptTokenCount": 1000, "candidatesTokenCount": 50, "totalTokenCount": 1050},
+                     "modelVersion": "gemini-rehearsal"}
+            self._send(200, json.dumps(reply).encode(), {"Content-Type": "application/json"})
+
         def do_GET(self):
             self._route(head=False)
 
@@ -229,7 +258,7 @@ def build(out: str, seed: int = 0) -> dict:
     counter = iter(range(10 ** 6))
     (scratch / "videos").mkdir(parents=True)
 
-    def videos(n: int) -> list[tuple[Path, list]]:
+    def videos(n: int) -> list[tuple[Path, list]]:  # [(mp4 in scratch, its samples)]
         made = []
         for _ in range(n):
             samples = data.synth_one(next(counter), seed, scratch)
@@ -245,9 +274,9 @@ def build(out: str, seed: int = 0) -> dict:
             level = name.split(".tar.gz")[0]  # videos, videos_3fps_480_noaudio, videos_crop_...
             members = {k.replace("videos/", f"{level}/", 1): v for k, v in members_orig.items()}
             _pack_tar(members, vm / source / name, parts)
-        for i, (_, samples) in enumerate(made):
+        for i, (mp4, samples) in enumerate(made):
             for s in samples:
-                train_samples.append((f"{AUTHORS_ROOT}/{source}/videos/{source}_{i}.mp4", source, s))
+                train_samples.append((f"{AUTHORS_ROOT}/{source}/videos/{source}_{i}.mp4", source, s, mp4))
 
     # Benchmarks' videos: Charades-STA, ActivityNet and QVHighlights (3 fps re-encodes; the originals are
     # decoys), NExT-QA (originals, its only version). ReXTime reads ActivityNet and QVHighlights.
@@ -276,16 +305,21 @@ def build(out: str, seed: int = 0) -> dict:
     for i, (vid, (p, _)) in enumerate(zip(anet_ids, anet)):
         _pack_zip({f"{vid}.mp4": p}, gv / "activitynet" / f"chunk_{i + 1}.zip")
     _pack_zip({f"{qvh_ids[0]}.mp4": qvh[0][0]}, gv / "qvhighlights" / "chunk_1.zip")
-    for vid, (_, samples) in zip(anet_ids + qvh_ids, anet + qvh):
+    for vid, (mp4, samples) in zip(anet_ids + qvh_ids, anet + qvh):
         sub = "activitynet" if vid.startswith("v_") else "qvhighlights"
-        train_samples.append((f"{AUTHORS_ROOT}/GroundedVLLM/{sub}/{vid}.mp4", "grounded_videollm", samples[0]))
+        train_samples.append((f"{AUTHORS_ROOT}/GroundedVLLM/{sub}/{vid}.mp4", "grounded_videollm", samples[0], mp4))
 
     # TVG-R1's processed files: every other training sample goes to the cold-start file (with the
     # teacher's reasoning, under a field name the converter has to detect) and the rest to the RL file.
-    cold, rl = [], []
-    for k, (path, source, s) in enumerate(train_samples):
+    # For our own annotation (GEMINI_API_KEY, which ABLATIONS=1 needs): the raw training file (every
+    # sample, no reasoning: TRAIN_JSON) and the Gemini stand-in's answers, the captions teacher's with
+    # 30% deliberate mistakes so that the IoU split fills the cold start, the RL set and the dropped.
+    cold, rl, raw, teacher = [], [], [], {}
+    for k, (path, source, s, mp4) in enumerate(train_samples):
         rec = {"problem": s.query, "choices": "", "video": path, "video_length": s.duration,
                "gt_frame": s.spans[0], "ground_truth": s.spans[0], "dataset": source}
+        raw.append(rec)
+        teacher[f"{hashlib.sha256(mp4.read_bytes()).hexdigest()}:{s.query}"] = annotate.caption_answer(s, 0.3, seed)
         if k % 2 == 0:
             cold.append(dict(rec, gemini_output=annotate.caption_answer(s, noise=0.0, seed=seed)))
         else:
@@ -293,6 +327,8 @@ def build(out: str, seed: int = 0) -> dict:
     td.mkdir(parents=True, exist_ok=True)
     (td / "TVG_ColdStart.json").write_text(json.dumps(cold, indent=1))
     (td / "TVG_RL.json").write_text(json.dumps(rl, indent=1))
+    (out / "train_raw.json").write_text(json.dumps(raw, indent=1))
+    (out / "teacher.json").write_text(json.dumps(teacher, indent=1))
 
     # The three benchmarks' annotation files, in their real formats.
     (bench / "charades_sta").mkdir(parents=True)
@@ -335,12 +371,14 @@ def main(argv=None) -> None:
     s.add_argument("--root", required=True, help="the hub directory ({models,datasets}/OWNER/NAME/...)")
     s.add_argument("--port", type=int, default=0, help="port (0: a free one)")
     s.add_argument("--port-file", default=None, help="write the chosen port here once listening")
+    s.add_argument("--teacher", default=None,
+                   help="also answer Gemini generateContent requests from this file (build's teacher.json)")
     a = ap.parse_args(argv)
     if a.cmd == "build":
         summary = build(a.out, a.seed)
         print(f"miniature world in {a.out}: {json.dumps(summary)}")
         return
-    with Hub(a.root, a.port) as hub:
+    with Hub(a.root, a.port, teacher=a.teacher) as hub:
         if a.port_file:
             tmp = a.port_file + ".tmp"
             Path(tmp).write_text(str(hub.server.server_address[1]))

@@ -6,6 +6,7 @@
 #   bash run.sh taro [--fresh]    # the tiny preset, plus TaRO from the same SFT model: SFT / GRPO / TaRO table
 #   bash run.sh ablations         # the paper's Tables 3 and 4 on the tiny preset (2 seeds, the main run reused)
 #   SEEDS=3 bash run.sh           # the tiny preset over 3 training seeds (same data): mean, spread, per-seed lift
+#                                 # (seeds run 2 at a time on a CPU, 1 thread each: JOBS=1 for one after the other)
 #   bash run.sh paper [--dry-run] # Qwen2.5-VL-7B on 2 nodes x 8 H100 (HOSTFILE), the paper's hyperparameters
 #   bash run.sh paper --rehearsal # the same stage commands on a CPU: a miniature released world, tiny sizes
 #   bash run.sh gpu-check         # on one NVIDIA GPU, ~5 min: NCCL, bf16, the update's memory, rollout speed
@@ -108,8 +109,8 @@ tiny() {
         [ -f "$1/metrics.json" ] || run python eval.py --model "$2" --data "$RUN/data/test.jsonl" --out "$1" $VIDEO \
             --max-new-tokens "${MAX_NEW_TOKENS:-200}" --batch-size 40 ${EVAL_ARGS:-}
     }
-    for seed in $(seq 0 $((SEEDS - 1))); do
-        S=$RUN; [ $seed = 0 ] || S=$RUN/seed$seed
+    seed_chain() {  # seed_chain SEED: every stage of one training seed, in order
+        local seed=$1 S=$RUN; [ $1 = 0 ] || S=$RUN/seed$1
         sft_stage "$S/sft" "$ANN/coldstart.jsonl"
         eval_stage "$S/eval/sft" "$S/sft/model"
         grpo_stage "$S/grpo" "$S/sft/model" "$ANN/rl.jsonl"
@@ -131,7 +132,42 @@ tiny() {
                 eval_stage "$S/eval/$name" "$S/$name/model"
             done
         fi
+    }
+    # Seeds run side by side on JOBS workers (seed s on worker s % JOBS), the cores split between them.
+    # Measured on 2 cores, two single-thread runs against one after the other on both cores: GRPO
+    # 1.1x (2.5-2.7 s/step each, ~1.45 alone), SFT 1.0x after its first epoch (0.8-0.9 s/step each,
+    # ~0.42 alone: memory-bound), more while it decodes videos. Worker 0 prints here, the others write
+    # $RUN/worker<j>.log. Every stage is resumable, so a re-run after a failure continues.
+    local JOBS=${JOBS:-$([ "$SEEDS" -gt 1 ] && ! has_gpu && echo 2 || echo 1)} j pids=() failed=0
+    [ "$JOBS" -le "$SEEDS" ] || JOBS=$SEEDS
+    local threads=$(( $(env -u OMP_NUM_THREADS nproc) / JOBS )); [ "$threads" -ge 1 ] || threads=1
+    worker() {  # worker J: its seeds, one after the other
+        [ "$JOBS" = 1 ] || export OMP_NUM_THREADS=${USER_THREADS:-$threads}
+        for seed in $(seq "$1" "$JOBS" $((SEEDS - 1))); do seed_chain "$seed"; done
+    }
+    # Workers run in the background (worker 0 too: `set -e` holds in a background subshell, not in one
+    # tested by ||). Background jobs of a script ignore Ctrl-C, so the trap stops them with the script.
+    kill_tree() { local c; for c in $(pgrep -P "$1" || true); do kill_tree "$c"; done; kill "$1" 2>/dev/null || true; }
+    trap 'for p in "${pids[@]}"; do kill_tree "$p"; done' EXIT
+    trap 'exit 130' INT TERM
+    for j in $(seq 0 $((JOBS - 1))); do
+        if [ "$j" = 0 ]; then
+            ( worker 0 ) &
+        else
+            echo "seeds $(seq -s ' ' "$j" "$JOBS" $((SEEDS - 1))) run alongside (JOBS=$JOBS, $threads thread(s) each): log in $RUN/worker$j.log"
+            ( worker "$j" ) > "$RUN/worker$j.log" 2>&1 &
+        fi
+        pids+=($!)
     done
+    for j in "${pids[@]}"; do  # the first worker to fail stops the others
+        wait -n || { [ $failed = 1 ] || for p in "${pids[@]}"; do kill_tree "$p"; done; failed=1; }
+    done
+    pids=()
+    trap - EXIT INT TERM
+    if [ $failed = 1 ]; then
+        echo "a training seed failed: see the output above$([ "$JOBS" = 1 ] || echo " and $RUN/worker*.log") (a re-run continues where it stopped)" >&2
+        exit 1
+    fi
     eval_stage "$RUN/eval/base" "$RUN/base_model"  # the same base model for every seed
     [ -f "$RUN/eval/constant_baseline/metrics.json" ] || run python eval.py baseline \
         --train "$RUN/data/train.jsonl" --test "$RUN/data/test.jsonl" --out "$RUN/eval/constant_baseline"
@@ -235,13 +271,39 @@ paper() {
     local SFT_LAUNCH="deepspeed --num_nodes 1 --num_gpus $SFT_GPUS --master_port $PORT"
     local RL_LAUNCH="deepspeed --num_nodes $NODES --num_gpus $GPUS --master_port $PORT"
     [ -f "$HOSTFILE" ] && RL_LAUNCH="deepspeed --hostfile $HOSTFILE --num_nodes $NODES --num_gpus $GPUS --master_port $PORT"
-    local SFT="sft.py --model $RUN/base_model --data $RUN/data/coldstart.jsonl --out $RUN/sft --epochs $SFT_EPOCHS \
+    # sft_cmd OUT DATA / grpo_cmd OUT MODEL DATA: the one SFT and the one GRPO command; the ablation rows
+    # (ABLATIONS=1) are the same commands with another start or other data, as in the tiny preset.
+    sft_cmd() { echo "sft.py --model $RUN/base_model --data $2 --out $1 --epochs $SFT_EPOCHS \
         --lr $SFT_LR --batch-size $SFT_BATCH --micro-batch 1 --zero-stage 3 --grad-ckpt $PRECISION --no-cache-videos \
-        $VIDEO --skip-bad --resume ${SFT_ARGS:-}"
-    local GRPO="grpo.py --model $RUN/sft/model --data $RUN/data/rl.jsonl --out $RUN/grpo --group-size $GROUP \
+        $VIDEO --skip-bad --resume ${SFT_ARGS:-}" | tr -s ' '; }
+    grpo_cmd() { echo "grpo.py --model $2 --data $3 --out $1 --group-size $GROUP \
         --prompts-per-step $PROMPTS --steps $STEPS --lr $GRPO_LR --beta 0 --max-new-tokens $NEW --temperature 1.0 \
         --zero-stage 3 --grad-ckpt --gather-for-rollout $PRECISION $VIDEO --save-every $SAVE_EVERY --skip-bad --resume \
-        ${GRPO_ARGS:-}"
+        ${GRPO_ARGS:-}" | tr -s ' '; }
+    local SFT GRPO ABLATIONS=${ABLATIONS:-0}
+    SFT=$(sft_cmd "$RUN/sft" "$RUN/data/coldstart.jsonl")
+    GRPO=$(grpo_cmd "$RUN/grpo" "$RUN/sft/model" "$RUN/data/rl.jsonl")
+    # The paper's Tables 3 and 4 (ABLATIONS=1): R1-U (SFT on every teacher answer, then GRPO), GRPO on
+    # the unfiltered RL data, R1-Zero (GRPO from the base) on both. The unfiltered sets exist only when
+    # we annotate ourselves (GEMINI_API_KEY): the released files are the filtered ones.
+    local ROWS=""
+    if [ "$ABLATIONS" = 1 ]; then
+        ROWS="zero"
+        [ -n "${GEMINI_API_KEY:-}" ] && ROWS="grpo_r1u grpo_rl_unfiltered zero zero_unfiltered"
+        EVAL_MODELS="$EVAL_MODELS $ROWS"
+    fi
+    row_cmds() {  # the ablation rows' commands, in order: "launcher|script args"
+        local r
+        for r in $ROWS; do
+            case $r in
+                grpo_r1u) echo "$SFT_LAUNCH|$(sft_cmd "$RUN/sft_unfiltered" "$RUN/data/coldstart_unfiltered.jsonl")"
+                          echo "$RL_LAUNCH|$(grpo_cmd "$RUN/grpo_r1u" "$RUN/sft_unfiltered/model" "$RUN/data/rl.jsonl")" ;;
+                grpo_rl_unfiltered) echo "$RL_LAUNCH|$(grpo_cmd "$RUN/grpo_rl_unfiltered" "$RUN/sft/model" "$RUN/data/rl_unfiltered.jsonl")" ;;
+                zero) echo "$RL_LAUNCH|$(grpo_cmd "$RUN/zero" "$RUN/base_model" "$RUN/data/rl.jsonl")" ;;
+                zero_unfiltered) echo "$RL_LAUNCH|$(grpo_cmd "$RUN/zero_unfiltered" "$RUN/base_model" "$RUN/data/rl_unfiltered.jsonl")" ;;
+            esac
+        done
+    }
     if [ "$MODE" = --dry-run ]; then
         echo "== dry run: no GPU, no download. Checking what can be checked and printing the plan."
         # Every stage's command line parses and its batch arithmetic holds for the ranks it runs on.
@@ -258,6 +320,9 @@ paper() {
         echo "      prepare.py check: every video decodes at the training setting"
         echo "   4. $SFT_LAUNCH $SFT"
         echo "   5. $RL_LAUNCH $GRPO"
+        local cmd
+        while IFS= read -r cmd; do echo "   5b. ${cmd%%|*} ${cmd#*|}"; done < <(row_cmds)
+        [ "$ABLATIONS" = 1 ] && [ -z "${GEMINI_API_KEY:-}" ] && echo "   (ABLATIONS=1 without GEMINI_API_KEY: R1-Zero only; R1-U and the unfiltered RL row need our own annotation)"
         echo "   6. torchrun --nproc_per_node $GPUS eval.py: $EVAL_MODELS on Charades-STA, NExT-GQA, ReXTime"
         return
     fi
@@ -272,9 +337,12 @@ paper() {
     if [ -n "${GEMINI_API_KEY:-}" ]; then
         [ -f "$RUN/data/train.jsonl" ] || run python data.py convert --format tvg_r1 --cot-field none \
             --input "${TRAIN_JSON:?set TRAIN_JSON to the 56K raw annotation JSON}" --video-root "$VIDEOS" --out "$RUN/data/train.jsonl"
-        run python annotate.py --data "$RUN/data/train.jsonl" --teacher gemini --out "$RUN/data/annotate" --concurrency 16
-        cp "$RUN/data/annotate/coldstart.jsonl" "$RUN/data/coldstart_all.jsonl"
-        cp "$RUN/data/annotate/rl.jsonl" "$RUN/data/rl_all.jsonl"
+        run python annotate.py --data "$RUN/data/train.jsonl" --teacher gemini --out "$RUN/data/annotate" --concurrency 16 \
+            ${ANNOTATE_ARGS:-}
+        local f
+        for f in coldstart rl coldstart_unfiltered rl_unfiltered; do  # the unfiltered ones: ABLATIONS=1
+            cp "$RUN/data/annotate/$f.jsonl" "$RUN/data/${f}_all.jsonl"
+        done
     else
         run python prepare.py get --repo RuizheChen/TVG_processed_data --repo-type dataset --out "$RUN/hf"
         local rl_json=${RL_JSON:-$(ls "$RUN"/hf/*[Rr][Ll]*.json | head -n1)}
@@ -286,7 +354,7 @@ paper() {
     fi
     # Every video decodes at the training setting, before a GPU-hour is spent (DROP_BAD=1: leave bad ones out).
     local split
-    for split in coldstart rl; do
+    for split in coldstart rl $([ "$ABLATIONS" = 1 ] && [ -n "${GEMINI_API_KEY:-}" ] && echo coldstart_unfiltered rl_unfiltered); do
         [ -f "$RUN/data/$split.jsonl" ] || run python prepare.py check --data "$RUN/data/${split}_all.jsonl" \
             --out "$RUN/data/$split.jsonl" $VIDEO $([ "${DROP_BAD:-0}" = 1 ] && echo --drop-bad)
     done
@@ -296,12 +364,15 @@ paper() {
     #      (--skip-bad) rather than costing the run.
     run $SFT_LAUNCH $SFT
     run $RL_LAUNCH $GRPO
+    local cmd
+    while IFS= read -r cmd; do run ${cmd%%|*} ${cmd#*|}; done < <(row_cmds)  # ABLATIONS=1
 
     # 6. The three benchmarks, the paper's setting (64 frames, 128*28*28 px, greedy, 2048 new tokens)
     local fmt name file extra model_dir
     for name in $EVAL_MODELS; do
-        case $name in base) model_dir=$RUN/base_model ;; sft) model_dir=$RUN/sft/model ;; grpo) model_dir=$RUN/grpo/model ;;
-                      *) echo "unknown EVAL_MODELS entry: $name (base, sft, grpo)" >&2; exit 2 ;; esac
+        case $name in base) model_dir=$RUN/base_model ;;
+                      sft|grpo|grpo_r1u|grpo_rl_unfiltered|zero|zero_unfiltered) model_dir=$RUN/$name/model ;;
+                      *) echo "unknown EVAL_MODELS entry: $name (base, sft, grpo, or an ABLATIONS=1 row)" >&2; exit 2 ;; esac
         for fmt in charades_sta nextgqa rextime; do
             case $fmt in
                 charades_sta) file=$BENCH/charades_sta/charades_sta_test.txt
@@ -321,20 +392,20 @@ names = {"charades_sta": "Charades-STA", "nextgqa": "NExT-GQA", "rextime": "ReXT
 keys = ("R1@0.3", "R1@0.5", "R1@0.7", "mIoU")
 res = {}
 print(f"\nPaper preset ({run}/eval), percent, the paper's scorer (eval.py --parse official):")
-print(f"{'benchmark':<14}{'model':<7}{'n':>6}" + "".join(f"{k:>9}" for k in keys))
+print(f"{'benchmark':<14}{'model':<20}{'n':>6}" + "".join(f"{k:>9}" for k in keys))
 sys.path.insert(0, ".")
 import eval as ev
 for fmt, label in names.items():
     for m in models:
         r = json.load(open(f"{run}/eval/{m}/{fmt}/metrics.json"))["overall"]
         res.setdefault(fmt, {})[m] = {k: r[k] for k in keys + ("n",)}
-        print(f"{label:<14}{m:<7}{r['n']:>6}" + "".join(f"{r[k]:>9.2f}" for k in keys))
+        print(f"{label:<14}{m:<20}{r['n']:>6}" + "".join(f"{r[k]:>9.2f}" for k in keys))
         if fmt == "charades_sta":  # the released scorer's first rule (numbers anywhere, <think> included)
             old = ev.score_predictions(ev.read_predictions(f"{run}/eval/{m}/{fmt}/predictions.jsonl"),
                                        "official-0724")["overall"]
             res[fmt][m + "_official-0724"] = {k: old[k] for k in keys + ("n",)}
             if any(old[k] != r[k] for k in keys):
-                print(f"{label + '*':<14}{m:<7}{old['n']:>6}" + "".join(f"{old[k]:>9.2f}" for k in keys))
+                print(f"{label + '*':<14}{m:<20}{old['n']:>6}" + "".join(f"{old[k]:>9.2f}" for k in keys))
 print("* Charades-STA scored with the released scorer's first rule (b261460: the first two numbers anywhere,\n"
       "  <think> included), where it differs from its current one (c818166: the first <time> block first).\n"
       "  Which of the two produced the paper's table we cannot tell.")
@@ -356,7 +427,8 @@ paper_rehearsal() {
     echo "== rehearsal of 'bash run.sh paper' on the CPU in $DIR"
     run python rehearsal.py build --out "$DIR/world"
     rm -f "$DIR/hub.port"
-    python rehearsal.py serve --root "$DIR/world/hub" --port-file "$DIR/hub.port" > "$DIR/hub.log" 2>&1 &
+    python rehearsal.py serve --root "$DIR/world/hub" --port-file "$DIR/hub.port" --teacher "$DIR/world/teacher.json" \
+        > "$DIR/hub.log" 2>&1 &
     local hub_pid=$!
     trap "kill $hub_pid 2>/dev/null || true" EXIT
     local i
@@ -365,6 +437,15 @@ paper_rehearsal() {
     local hub=http://127.0.0.1:$(cat "$DIR/hub.port") port
     port=$(python -c "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")
     echo "   hub stand-in at $hub (its Qwen/Qwen2.5-VL-7B-Instruct is a tiny random model)"
+    # ABLATIONS=1 needs our own annotation: the same server stands in for Gemini (a fake key, its URL).
+    # Otherwise the released files, whatever key the environment holds.
+    if [ "${ABLATIONS:-0}" = 1 ]; then
+        export GEMINI_API_KEY=rehearsal TRAIN_JSON="$DIR/world/train_raw.json"
+        export ANNOTATE_ARGS="--base-url $hub --nframes 8 --max-pixels 3136 --min-pixels 3136"
+        echo "   ABLATIONS=1: annotated by a Gemini stand-in at $hub (its answers: $DIR/world/teacher.json)"
+    else
+        unset GEMINI_API_KEY GOOGLE_API_KEY
+    fi
     # Sizes and locations only; every stage command is paper()'s.
     HF_ENDPOINT=$hub HF_HUB_DISABLE_TELEMETRY=1 DS_ACCELERATOR=cpu REHEARSAL=1 \
     RUN=$DIR/run VIDEO_ROOT= DOWNLOAD=1 BENCH=$DIR/world/bench HOSTFILE=$DIR/no-hostfile NODES=1 GPUS_PER_NODE=2 \

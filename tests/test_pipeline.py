@@ -2,6 +2,7 @@
 user runs it, then again to check that every finished stage is skipped."""
 import json
 import os
+import re
 import subprocess
 import sys
 from conftest import ROOT
@@ -54,8 +55,12 @@ def test_tiny_preset_smoke(tmp_path):
     # each switch of the paper's Tables 3 and 4 gets its row (mean ± std over the 2 seeds) and the figure
     ab = run_tiny(run_dir, cmd="ablations", ZERO_STEPS="1")
     assert ab.returncode == 0, ab.stdout[-3000:] + ab.stderr[-3000:]
-    assert f"final model in {run_dir}/seed1/sft/model" in ab.stdout  # seed 1 trained
-    assert f"final model in {run_dir}/sft/model" not in ab.stdout  # seed 0 found done
+    # the two seeds side by side (JOBS=2 on a CPU): seed 1 on worker 1, whose output is its log
+    assert re.search(rf"seeds 1 run alongside \(JOBS=2, \d+ thread\(s\) each\): log in {run_dir}/worker1.log",
+                     ab.stdout), ab.stdout[-3000:]
+    worker1 = (run_dir / "worker1.log").read_text()
+    assert f"final model in {run_dir}/seed1/sft/model" in worker1  # seed 1 trained
+    assert f"final model in {run_dir}/sft/model" not in ab.stdout + worker1  # seed 0 found done
     for flag in ("coldstart_unfiltered.jsonl", "rl_unfiltered.jsonl", f"--model {run_dir}/base_model"):
         assert flag in ab.stdout, flag
     res = json.loads((run_dir / "results.json").read_text())
