@@ -303,6 +303,14 @@ def load_video(sample: Sample, nframes: int = NFRAMES, max_pixels: int = MAX_PIX
     return frames, meta
 
 
+def chat_text(processor, sample: Sample, nframes: int = NFRAMES, max_pixels: int = MAX_PIXELS,
+              min_pixels: int = MIN_PIXELS, answer: str | None = None) -> str:
+    """The chat template's text for one Sample, the video a single placeholder: a generation prompt, or
+    with `answer` the whole SFT conversation."""
+    return processor.apply_chat_template(build_messages(sample, nframes, max_pixels, min_pixels, answer),
+                                         tokenize=False, add_generation_prompt=answer is None)
+
+
 def build_inputs(processor, samples: list[Sample], videos: list | None = None, answers: list[str] | None = None,
                  nframes: int = NFRAMES, max_pixels: int = MAX_PIXELS, min_pixels: int = MIN_PIXELS,
                  padding_side: str = "left"):
@@ -314,10 +322,8 @@ def build_inputs(processor, samples: list[Sample], videos: list | None = None, a
     `padding_side`: left for generation (new tokens line up at the end), right for training."""
     if videos is None:
         videos = [load_video(s, nframes, max_pixels, min_pixels) for s in samples]
-    texts = []
-    for i, s in enumerate(samples):
-        msgs = build_messages(s, nframes, max_pixels, min_pixels, None if answers is None else answers[i])
-        texts.append(processor.apply_chat_template(msgs, tokenize=False, add_generation_prompt=answers is None))
+    texts = [chat_text(processor, s, nframes, max_pixels, min_pixels, None if answers is None else answers[i])
+             for i, s in enumerate(samples)]
     processor.tokenizer.padding_side = padding_side
     # do_sample_frames=False / do_resize=False: frames are already sampled and resized by qwen-vl-utils.
     # video_metadata is the part peers forget: without it the processor assumes 24 fps.
@@ -336,8 +342,7 @@ def prompt_ids(processor, samples: list[Sample], n_video_tokens: int, nframes: i
     tok = processor.tokenizer
     out = []
     for s in samples:
-        text = processor.apply_chat_template(build_messages(s, nframes, max_pixels, min_pixels), tokenize=False,
-                                             add_generation_prompt=True)
+        text = chat_text(processor, s, nframes, max_pixels, min_pixels)
         if text.count(processor.video_token) != 1:
             raise ValueError(f"sample {s.id}: the prompt holds {text.count(processor.video_token)} video placeholders, not 1")
         text = text.replace(processor.video_token, processor.video_token * n_video_tokens)
