@@ -67,8 +67,9 @@ def test_paper_rehearsal_ablations(tmp_path):
     """ABLATIONS=1 bash run.sh paper --rehearsal: our own annotation (a Gemini stand-in answering from
     the dense captions with 30% deliberate mistakes), then the paper's Tables 3 and 4 rows with the
     paper preset's own SFT and GRPO commands, each evaluated on the three benchmarks."""
-    # base and SFT are evaluated by the test above; here TVG-R1's row and the ablation rows (21 -> 15 evals)
-    env = dict(os.environ, REHEARSAL_DIR=str(tmp_path), ABLATIONS="1", EVAL_MODELS="grpo")
+    # base and SFT, on all three benchmarks, are evaluated by the test above; here TVG-R1's row and the
+    # ablation rows on Charades-STA only (BENCHMARKS: 21 evals -> 5, for the suite's time)
+    env = dict(os.environ, REHEARSAL_DIR=str(tmp_path), ABLATIONS="1", EVAL_MODELS="grpo", BENCHMARKS="charades_sta")
     p = subprocess.run(["bash", str(ROOT / "run.sh"), "paper", "--rehearsal"], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=1500)
     out = p.stdout
@@ -97,11 +98,11 @@ def test_paper_rehearsal_ablations(tmp_path):
     assert 0 < n["coldstart"] < n["coldstart_unfiltered"] <= world["train_samples"]
     assert 0 < n["rl"] < n["rl_unfiltered"]
 
-    # Every row evaluated on every benchmark, and in the table
+    # Every row evaluated on the benchmark asked for, and in the table; the others not run
     res = json.loads((run / "results.json").read_text())
-    for fmt, label in (("charades_sta", "Charades-STA"), ("nextgqa", "NExT-GQA"), ("rextime", "ReXTime")):
-        for model in ("grpo", "grpo_r1u", "grpo_rl_unfiltered", "zero", "zero_unfiltered"):
-            assert res[fmt][model]["n"] == world["bench"][fmt], (fmt, model)
-            assert re.search(rf"^{label}\s+{model}\s+{world['bench'][fmt]}\s", out, re.M), (label, model)
+    for model in ("grpo", "grpo_r1u", "grpo_rl_unfiltered", "zero", "zero_unfiltered"):
+        assert res["charades_sta"][model]["n"] == world["bench"]["charades_sta"], model
+        assert re.search(rf"^Charades-STA\s+{model}\s+{world['bench']['charades_sta']}\s", out, re.M), model
+    assert "nextgqa" not in res and "rextime" not in res and not (run / "eval" / "grpo" / "nextgqa").exists()
     for stage in ("sft_unfiltered", "grpo_r1u", "zero"):
         assert json.loads((run / stage / "config.json").read_text())["world"] == 2
