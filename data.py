@@ -270,7 +270,14 @@ def check_video(sample: Sample) -> int:
         raise DataError(f"sample {sample.id}: cannot decode video {path}: {str(e).strip()[:300]}") from None
     if total < 2:
         raise DataError(f"sample {sample.id}: video {path} has {total} frame(s); need at least 2")
-    seconds = total / fps
+    check_spans(sample, total / fps)
+    return total
+
+
+def check_spans(sample: Sample, seconds: float) -> None:
+    """Raises a DataError naming the sample when a ground-truth span starts after the video's end, by the
+    sample's duration or by the file's length in `seconds` (beyond SPAN_PAST_VIDEO_SECONDS)."""
+    path = sample.video
     for s, e in sample.spans:
         if sample.duration is not None and s >= sample.duration:
             raise DataError(f"sample {sample.id}: the span [{s}, {e}] starts at {s:.2f} s, but the video is "
@@ -278,7 +285,6 @@ def check_video(sample: Sample) -> int:
         if s > seconds + SPAN_PAST_VIDEO_SECONDS:
             raise DataError(f"sample {sample.id}: the span [{s}, {e}] starts at {s:.2f} s, but the video {path} "
                             f"is {seconds:.2f} s long (shorter than the annotation says)")
-    return total
 
 
 def load_video(sample: Sample, nframes: int = NFRAMES, max_pixels: int = MAX_PIXELS,

@@ -286,51 +286,78 @@ def get_main(a) -> None:
 # Check: every video decodes, as training will decode it
 
 
-def _check_one(job: tuple) -> tuple[str, str, str | None]:
-    """(id, video, None) when the sample's video decodes at the training setting, else the reason."""
+def _decode_video(job: tuple) -> tuple[str, float | None, str | None]:
+    """(video, seconds, None) when the video decodes at the training setting, else (video, None, reason).
+    The reason names `first`, the first sample that uses the video."""
     import data
-    line, root, nframes, max_pixels, min_pixels = job
-    s = data.sample_from_dict(json.loads(line), "check")
-    if not os.path.isabs(s.video):
-        s.video = str(Path(root) / s.video)
+    video, first, nframes, max_pixels, min_pixels = job
+    s = data.Sample(id=first, video=video, duration=None, query="", spans=[])  # spans: checked per sample
     try:
-        frames, meta = data.load_video(s, nframes, max_pixels, min_pixels)
+        _, meta = data.load_video(s, nframes, max_pixels, min_pixels)
     except Exception as e:  # the reason is reported per video; a bad file must not stop the others
-        return s.id, s.video, f"{type(e).__name__}: {e}"
-    length = meta["total_num_frames"] / meta["fps"] if meta.get("fps") else None
-    first = min(a for a, _ in s.spans)
-    if length is not None and first >= length:
-        return s.id, s.video, f"the span starts at {first:.2f} s but the video is {length:.2f} s long"
-    return s.id, s.video, None
+        return video, None, f"{type(e).__name__}: {e}"
+    return video, meta["total_num_frames"] / meta["fps"], None
 
 
 def check_main(a) -> None:
+    """Decode each distinct video of every --data file once (a video has several queries, and the
+    unfiltered sets of ABLATIONS=1 hold every sample of the filtered ones), then check each sample's
+    spans against its video's length, as training does (data.check_spans)."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
     from tqdm import tqdm
     import data
-    src = Path(a.data)
-    data.read_jsonl(src)  # a malformed line stops here, with file:line
-    lines = [ln for ln in src.read_text(encoding="utf-8").splitlines() if ln.strip()]
-    jobs = [(ln, str(src.resolve().parent), a.nframes, a.max_pixels, a.min_pixels) for ln in lines]
-    bad_list = Path(a.bad_list or str(src) + ".bad_videos.tsv")
-    results = []
-    workers = max(1, min(a.workers, len(jobs)))
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as ex:
-        for r in tqdm(ex.map(_check_one, jobs, chunksize=4), total=len(jobs), desc=f"check {src.name}", unit="video"):
-            results.append(r)
-    bad = [(i, v, why) for i, v, why in results if why]
-    _write_atomic(bad_list, "id\tvideo\treason\n" + "".join(f"{i}\t{v}\t{why}\n" for i, v, why in bad))
-    print(f"{src}: {len(results) - len(bad)} of {len(results)} samples have a video that decodes; "
-          f"{len(bad)} bad, listed in {bad_list}")
-    for i, v, why in bad[:5]:
-        print(f"  {i}\t{v}\t{why}")
-    if bad and not a.drop_bad:
-        sys.exit(f"error: {len(bad)} bad video(s) in {src}: fix them, or pass --drop-bad to leave their samples out")
-    if a.out:
-        keep = [ln for ln, (_, _, why) in zip(lines, results) if not why]
-        _write_atomic(Path(a.out), "".join(ln + "\n" for ln in keep))
-        print(f"wrote {len(keep)} samples to {a.out}" + (f" (dropped {len(bad)} with a bad video)" if bad else ""))
+    srcs = [Path(d) for d in a.data]
+    if a.out and len(a.out) != len(srcs):
+        sys.exit(f"error: --out needs one file per --data file: got {len(a.out)} for {len(srcs)}")
+    if a.bad_list and len(srcs) > 1:
+        sys.exit("error: --bad-list names one file: with several --data files each gets DATA.bad_videos.tsv")
+    files, first = [], {}  # first: video -> the first sample id that uses it
+    for src in srcs:
+        samples = data.read_jsonl(src)  # a malformed line stops here, with file:line
+        lines = [ln for ln in src.read_text(encoding="utf-8").splitlines() if ln.strip()]
+        assert len(lines) == len(samples), src
+        for smp in samples:
+            if not os.path.isabs(smp.video):
+                smp.video = str(src.resolve().parent / smp.video)
+            first.setdefault(smp.video, smp.id)
+        files.append((src, lines, samples))
+    jobs = [(v, i, a.nframes, a.max_pixels, a.min_pixels) for v, i in first.items()]
+    decoded = {}
+    with ProcessPoolExecutor(max(1, min(a.workers, len(jobs))), mp_context=multiprocessing.get_context("spawn")) as ex:
+        for video, seconds, why in tqdm(ex.map(_decode_video, jobs, chunksize=4), total=len(jobs),
+                                        desc="check: decode", unit="video"):
+            decoded[video] = (seconds, why)
+    print(f"decoded {len(jobs)} distinct video(s) for {sum(len(f[2]) for f in files)} samples in {len(srcs)} file(s)")
+    errors = []
+    for k, (src, lines, samples) in enumerate(files):
+        bad = []
+        for smp in samples:
+            seconds, why = decoded[smp.video]
+            if why is not None:  # named after the sample that first used the video: name this one
+                why = why.replace(f"sample {first[smp.video]}: ", f"sample {smp.id}: ", 1)
+            else:
+                try:
+                    data.check_spans(smp, seconds)
+                except data.DataError as e:
+                    why = f"DataError: {e}"
+            bad.append(why)
+        n_bad = sum(w is not None for w in bad)
+        bad_list = Path(a.bad_list or str(src) + ".bad_videos.tsv")
+        _write_atomic(bad_list, "id\tvideo\treason\n" + "".join(
+            f"{smp.id}\t{smp.video}\t{why}\n" for smp, why in zip(samples, bad) if why))
+        print(f"{src}: {len(samples) - n_bad} of {len(samples)} samples have a video that decodes; "
+              f"{n_bad} bad, listed in {bad_list}")
+        for smp, why in [(smp, why) for smp, why in zip(samples, bad) if why][:5]:
+            print(f"  {smp.id}\t{smp.video}\t{why}")
+        if n_bad:
+            errors.append(f"{n_bad} bad video(s) in {src}")
+        if a.out and (a.drop_bad or not n_bad):
+            keep = [ln for ln, why in zip(lines, bad) if not why]
+            _write_atomic(Path(a.out[k]), "".join(ln + "\n" for ln in keep))
+            print(f"wrote {len(keep)} samples to {a.out[k]}" + (f" (dropped {n_bad} with a bad video)" if n_bad else ""))
+    if errors and not a.drop_bad:
+        sys.exit(f"error: {', '.join(errors)}: fix them, or pass --drop-bad to leave their samples out")
 
 
 def main(argv=None) -> None:
@@ -350,8 +377,10 @@ def main(argv=None) -> None:
     v.add_argument("--keep-archives", action="store_true", help="keep the archives after extracting them")
     v.add_argument("--list", action="store_true", help="print the plan with sizes and what is done; download nothing")
     c = sub.add_parser("check", help="decode every sample's video as training will; list the bad ones")
-    c.add_argument("--data", required=True, help="Sample JSONL")
-    c.add_argument("--out", default=None, help="write the samples whose video is good here (atomically)")
+    c.add_argument("--data", required=True, nargs="+", help="Sample JSONL file(s); a video shared by samples or "
+                   "files is decoded once")
+    c.add_argument("--out", default=None, nargs="+", help="one per --data: write the samples whose video is "
+                   "good here (atomically)")
     c.add_argument("--drop-bad", action="store_true", help="leave bad samples out of --out instead of stopping")
     c.add_argument("--bad-list", default=None, help="TSV of bad videos (default: DATA.bad_videos.tsv)")
     c.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="decoding processes")

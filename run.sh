@@ -364,11 +364,13 @@ paper() {
             --video-root "$VIDEOS" --require-cot ${COT_FIELD:+--cot-field $COT_FIELD} --out "$RUN/data/coldstart_all.jsonl"
     fi
     # Every video decodes at the training setting, before a GPU-hour is spent (DROP_BAD=1: leave bad ones out).
-    local split
+    # One call for every set: a video is decoded once, however many samples and sets use it.
+    local split todo=() outs=()
     for split in coldstart rl $([ "$ABLATIONS" = 1 ] && [ -n "${GEMINI_API_KEY:-}" ] && echo coldstart_unfiltered rl_unfiltered); do
-        [ -f "$RUN/data/$split.jsonl" ] || run python prepare.py check --data "$RUN/data/${split}_all.jsonl" \
-            --out "$RUN/data/$split.jsonl" $VIDEO $([ "${DROP_BAD:-0}" = 1 ] && echo --drop-bad)
+        [ -f "$RUN/data/$split.jsonl" ] || { todo+=("$RUN/data/${split}_all.jsonl"); outs+=("$RUN/data/$split.jsonl"); }
     done
+    [ ${#todo[@]} = 0 ] || run python prepare.py check --data "${todo[@]}" --out "${outs[@]}" $VIDEO \
+        $([ "${DROP_BAD:-0}" = 1 ] && echo --drop-bad)
 
     # 4-5. SFT on one node, GRPO on all of them (a finished stage returns at once: --resume). Every video
     #      passed the check; one that fails mid-run anyway (a disk error) is replaced, logged and counted

@@ -292,6 +292,37 @@ def test_check_lists_bad_videos_and_drops_them_on_request(synth_dir, tmp_path):
     assert [s.id for s in data.read_jsonl(tmp_path / "ok.jsonl")] == [good.id]
 
 
+def test_check_decodes_each_video_once_across_files(synth_dir, tmp_path):
+    """Several --data files in one call (run.sh: coldstart, rl and, with ABLATIONS=1, their unfiltered
+    supersets): a video shared by samples and files is decoded once; each file gets its own --out and
+    bad list, and a bad video fails every sample that uses it, named by that sample."""
+    train = data.read_jsonl(synth_dir / "train.jsonl")
+    (tmp_path / "empty.mp4").write_bytes(b"")
+    empty = [data.Sample(id=f"empty{i}", video=str(tmp_path / "empty.mp4"), duration=5, query="q", spans=[[0, 1]])
+             for i in range(2)]
+    a = train[:6] + empty[:1]            # 2 synth videos x 3 queries, and the empty file
+    b = train[:9] + empty                # a superset: one more synth video, the empty file twice
+    data.write_jsonl(tmp_path / "a.jsonl", a)
+    data.write_jsonl(tmp_path / "b.jsonl", b)
+    args = ["prepare.py", "check", "--data", tmp_path / "a.jsonl", tmp_path / "b.jsonl",
+            "--out", tmp_path / "a_ok.jsonl", tmp_path / "b_ok.jsonl", "--workers", "2", "--nframes", "8",
+            "--max-pixels", "3136", "--min-pixels", "3136"]
+    p = subprocess.run([PY, *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert len({s.video for s in b}) == 4
+    assert "decoded 4 distinct video(s) for 18 samples in 2 file(s)" in p.stdout  # not 18 decodes
+    assert p.returncode == 1 and "1 bad video(s) in" in p.stderr and "2 bad video(s) in" in p.stderr
+    assert not (tmp_path / "a_ok.jsonl").exists() and not (tmp_path / "b_ok.jsonl").exists()
+    rows = [ln.split("\t") for ln in (tmp_path / "b.jsonl.bad_videos.tsv").read_text().splitlines()[1:]]
+    assert [r[0] for r in rows] == ["empty0", "empty1"]
+    assert "sample empty1: cannot decode" in rows[1][2]  # the reason names its own sample
+    p = subprocess.run([PY, *map(str, args), "--drop-bad"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert [s.id for s in data.read_jsonl(tmp_path / "a_ok.jsonl")] == [s.id for s in train[:6]]
+    assert [s.id for s in data.read_jsonl(tmp_path / "b_ok.jsonl")] == [s.id for s in train[:9]]
+    p = subprocess.run([PY, *map(str, args[:7]), "--drop-bad"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert p.returncode != 0 and "--out needs one file per --data file: got 1 for 2" in p.stderr
+
+
 # -----------------------------------------------------------------------------
 # The repo stands alone
 
