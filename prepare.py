@@ -314,12 +314,9 @@ def check_main(a) -> None:
         sys.exit("error: --bad-list names one file: with several --data files each gets DATA.bad_videos.tsv")
     files, first = [], {}  # first: video -> the first sample id that uses it
     for src in srcs:
-        samples = data.read_jsonl(src)  # a malformed line stops here, with file:line
-        lines = [ln for ln in src.read_text(encoding="utf-8").splitlines() if ln.strip()]
-        assert len(lines) == len(samples), src
+        samples = data.read_jsonl(src)  # a malformed line stops here, with file:line; video paths absolute
+        lines = [data.text_line(ln, w) for w, ln in data.file_lines(src)]  # as read_jsonl splits them
         for smp in samples:
-            if not os.path.isabs(smp.video):
-                smp.video = str(src.resolve().parent / smp.video)
             first.setdefault(smp.video, smp.id)
         files.append((src, lines, samples))
     jobs = [(v, i, a.nframes, a.max_pixels, a.min_pixels) for v, i in first.items()]
