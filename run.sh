@@ -99,14 +99,13 @@ tiny() {
     # GRPO from it, and their evals on the held-out test videos. Every stage is resumable and a finished
     # one returns at once. The random ViT stays frozen: trained from scratch on this little data it
     # collapses to one vector for every video token (model.freeze_vision).
-    # The cold start is short on purpose (675 steps, README: the diagnosis): it stops around the point
-    # where the model starts binding the query to its event (17-39 mIoU in 4 runs), and GRPO takes it
-    # from there, +6.6 to +16.1 mIoU; a 900-step SFT lands past that point in most runs, and GRPO then
-    # adds only +3 to +6.
+    # 900 constant-lr SFT steps (README: the diagnosis). A shorter cold start (675, tried) leaves GRPO a
+    # larger lift from some starts (+6.6 to +16.1) but not from the weakest: from 13.6 mIoU it learned to
+    # answer spans past the video's end and fell to 7.1.
     local ANN=$RUN/annotate seed S
     sft_stage() {  # sft_stage OUT DATA: cold-start SFT of the base model
         run python sft.py --model "$RUN/base_model" --data "$2" --out "$1" --seed $seed \
-            --max-steps "${SFT_STEPS:-675}" --batch-size "${SFT_BATCH:-32}" --micro-batch "${SFT_BATCH:-32}" \
+            --max-steps "${SFT_STEPS:-900}" --batch-size "${SFT_BATCH:-32}" --micro-batch "${SFT_BATCH:-32}" \
             --lr "${SFT_LR:-2e-3}" --schedule "${SFT_SCHEDULE:-constant}" --freeze-vision --warmup-ratio 0.05 \
             $VIDEO --resume ${SFT_ARGS:-}
     }
