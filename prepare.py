@@ -43,6 +43,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import math
 import os
 import re
 import shutil
@@ -296,7 +297,8 @@ def _decode_video(job: tuple) -> tuple[str, float | None, str | None]:
         _, meta = data.load_video(s, nframes, max_pixels, min_pixels)
     except Exception as e:  # the reason is reported per video; a bad file must not stop the others
         return video, None, f"{type(e).__name__}: {e}"
-    return video, meta["total_num_frames"] / meta["fps"], None
+    # no fps in the metadata: the file's length is unknown, only the samples' durations are checked
+    return video, meta["total_num_frames"] / meta["fps"] if meta.get("fps") else math.inf, None
 
 
 def check_main(a) -> None:
