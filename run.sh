@@ -300,6 +300,13 @@ paper() {
     if [ "$ABLATIONS" = 1 ]; then
         ROWS="zero"
         [ -n "${GEMINI_API_KEY:-}" ] && ROWS="grpo_r1u grpo_rl_unfiltered zero zero_unfiltered"
+        if [ -n "${ABLATION_ROWS:-}" ]; then  # a subset: each row is a GRPO run of its own (~48 GPU-hours)
+            local r
+            for r in $ABLATION_ROWS; do
+                [[ " $ROWS " == *" $r "* ]] || { echo "ABLATION_ROWS: '$r' is not one of the rows this run can make: $ROWS" >&2; exit 2; }
+            done
+            ROWS=$ABLATION_ROWS
+        fi
         EVAL_MODELS="$EVAL_MODELS $ROWS"
     fi
     row_cmds() {  # the ablation rows' commands, in order: "launcher|script args"

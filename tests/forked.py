@@ -5,7 +5,12 @@ takes ~1 s instead of the ~8 s of a fresh interpreter, which is what makes a doz
 in the test suite. `nproc=2` starts two ranks with torchrun's environment (each its own process,
 without torchrun's agent, so that a test can kill one rank and then the other, as the agent would).
 
-The server forks from a clean process, not from pytest: no test's threads or state are inherited."""
+The server forks from a clean process, not from pytest: no test's threads or state are inherited.
+
+`run(script, args, nproc=...)` is the same start for the tests that only need a script's outcome: it
+returns what `subprocess.run(capture_output=True)` would (`returncode`, `stdout`, `stderr`), so a test
+suite of ~40 starts does not spend ~8 s of imports on each. The launchers users type (python, torchrun,
+deepspeed) are exercised as such by run.sh's tests and the rehearsals."""
 from __future__ import annotations
 
 import multiprocessing
@@ -15,7 +20,9 @@ import resource
 import runpy
 import signal
 import socket
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -44,12 +51,16 @@ def context():
     return _ctx
 
 
-def _main(script: str, argv: list[str], env: dict, log: str, max_file_bytes: int | None) -> None:
-    """In the forked process: the environment, stdout and stderr to `log`, then the script as __main__."""
+def _main(script: str, argv: list[str], env: dict, log: str, max_file_bytes: int | None, err_log: str | None,
+          cwd: str) -> None:
+    """In the forked process: the environment and the directory, stdout to `log` and stderr to `err_log`
+    (or also to `log`), then the script as __main__."""
     os.environ.update(env)
-    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-    os.dup2(fd, 1)
-    os.dup2(fd, 2)
+    os.chdir(cwd)
+    for fd_to, path in ((1, log), (2, err_log or log)):
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        os.dup2(fd, fd_to)
+        os.close(fd)
     sys.stdout = open(1, "w", buffering=1, closefd=False)
     sys.stderr = open(2, "w", buffering=1, closefd=False)
     if max_file_bytes:  # a write past it fails with EFBIG (Python ignores SIGXFSZ): a disk that fills up
@@ -68,8 +79,11 @@ class Run:
     """`python SCRIPT ARGS`, or `torchrun --nproc_per_node NPROC SCRIPT ARGS`, forked (see the module)."""
 
     def __init__(self, script: str, args, log: Path, nproc: int = 1, max_file_bytes: int | None = None,
-                 env: dict | None = None):
+                 env: dict | None = None, split: bool = False, cwd: Path = ROOT):
+        """Each rank's stdout and stderr go to one log, `log` (`log.rankR` with nproc > 1), or with
+        `split` to `log.out` and `log.err` (`log.rankR.out`, ...)."""
         self.logs = [Path(f"{log}.rank{r}") if nproc > 1 else Path(log) for r in range(nproc)]
+        self.split = split
         port = free_port()
         self.procs = []
         for r in range(nproc):
@@ -77,7 +91,9 @@ class Run:
                                                LOCAL_WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1",
                                                MASTER_PORT=str(port))
             p = context().Process(target=_main, args=(script, [str(a) for a in args], {**(env or {}), **ranks},
-                                                      str(self.logs[r]), max_file_bytes), daemon=True)
+                                                      f"{self.logs[r]}.out" if split else str(self.logs[r]),
+                                                      max_file_bytes, f"{self.logs[r]}.err" if split else None,
+                                                      str(cwd)), daemon=True)
             p.start()
             self.procs.append(p)
 
@@ -103,8 +119,11 @@ class Run:
             raise AssertionError(f"still running after {timeout} s:\n{self.text()[-4000:]}")
         return [p.exitcode for p in self.procs]
 
-    def text(self) -> str:
-        return "".join(p.read_text(errors="replace") for p in self.logs if p.exists())
+    def text(self, stream: str = "") -> str:
+        """The ranks' logs, rank 0 first (with `split`: stream "out" or "err", or both)."""
+        names = [f"{p}.{x}" for p in self.logs for x in ([stream] if stream else ["out", "err"])] if self.split \
+            else self.logs
+        return "".join(Path(p).read_text(errors="replace") for p in names if Path(p).exists())
 
     def until(self, cond, timeout: float = 120, every: float = 0.001) -> None:
         """Poll cond() while the run lives; fail if it ends or times out first."""
@@ -115,3 +134,26 @@ class Run:
                 raise AssertionError(f"the moment never came (exit codes {[p.exitcode for p in self.procs]}):\n"
                                      f"{self.text()[-4000:]}")
             time.sleep(every)
+
+
+def run(script: str, args, nproc: int = 1, env: dict | None = None, timeout: float = 300,
+        cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    """`subprocess.run([python, script, *args], capture_output=True, text=True)`, or with nproc > 1 its
+    torchrun equivalent, forked (see the module). As torchrun's agent does, a rank that fails stops the
+    others (after a 5 s grace, for their own messages); the return code is the first non-zero rank's."""
+    with tempfile.TemporaryDirectory() as d:
+        r = Run(script, args, Path(d) / "log", nproc=nproc, env=env, split=True, cwd=cwd)
+        deadline = time.time() + timeout
+        failed_at = None
+        while r.alive():
+            if failed_at is None and any(p.exitcode not in (None, 0) for p in r.procs):
+                failed_at = time.time()
+            if time.time() > deadline:
+                r.kill()
+                raise subprocess.TimeoutExpired([script, *map(str, args)], timeout, r.text("out"), r.text("err"))
+            if failed_at is not None and time.time() > failed_at + 5:
+                r.kill()
+            time.sleep(0.02)
+        codes = [p.exitcode for p in r.procs]  # a failure's own code before the -9 of a rank stopped for it
+        code = next((c for c in codes if c > 0), next((c for c in codes if c), 0))
+        return subprocess.CompletedProcess([script, *map(str, args)], code, r.text("out"), r.text("err"))

@@ -17,6 +17,7 @@ import pytest
 
 import annotate
 import data
+import forked
 import reward
 from conftest import MAX_PIXELS, MIN_PIXELS, NFRAMES, ROOT
 from fake_servers import FakeTeacher
@@ -375,13 +376,11 @@ def test_captions_noise_is_filtered_and_reproducible(tmp_path, synth_dir):
     assert len(lines(tmp_path / "a" / "annotations.jsonl")) == 24
 
 
-@pytest.mark.skipif(not (ROOT / "sft.py").exists(), reason="sft.py not written yet")
 def test_sft_py_trains_on_captions_coldstart(tmp_path, synth_dir, tiny_model_dir):
     """The cold-start file goes straight into the real SFT script (one step, as a user would run it)."""
     annotate.main(["--data", str(synth_dir / "train.jsonl"), "--teacher", "captions", "--noise", "0.3",
                    "--out", str(tmp_path / "ann")])
-    cmd = [sys.executable, "sft.py", "--model", str(tiny_model_dir), "--data", str(tmp_path / "ann" / "coldstart.jsonl"),
-           "--out", str(tmp_path / "sft"), "--max-steps", "1", "--batch-size", "2"] + VIDEO_FLAGS
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    proc = forked.run("sft.py", ["--model", tiny_model_dir, "--data", tmp_path / "ann" / "coldstart.jsonl",
+                                 "--out", tmp_path / "sft", "--max-steps", "1", "--batch-size", "2", *VIDEO_FLAGS])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "sft" / "model" / "config.json").exists()

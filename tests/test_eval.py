@@ -5,27 +5,26 @@ import dataclasses
 import json
 import random
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 import data
 import eval as ev
+import forked
 import predict
 import reward
-from conftest import MAX_PIXELS, MIN_PIXELS, NFRAMES, ROOT, ASSETS
+from conftest import MAX_PIXELS, MIN_PIXELS, NFRAMES, ASSETS
 
 FIXTURE = Path(__file__).parent / "fixtures" / "tricky_predictions.jsonl"
-PY = sys.executable
 VKW = dict(nframes=NFRAMES, max_pixels=MAX_PIXELS, min_pixels=MIN_PIXELS)
 
 
-def run(*args, check=True):
-    p = subprocess.run([PY, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+def run(script, *args, check=True, nproc=1):
+    """`python SCRIPT ARGS` (nproc > 1: as torchrun's ranks), started by tests/forked.py."""
+    p = forked.run(script, args, nproc=nproc)
     if check and p.returncode != 0:
-        raise AssertionError(f"{args} exited {p.returncode}\n{p.stdout}\n{p.stderr}")
+        raise AssertionError(f"{script} {args} exited {p.returncode}\n{p.stdout}\n{p.stderr}")
     return p
 
 
@@ -419,10 +418,8 @@ def test_rerun_resumes(one_process, video_model_dir, test_set, tmp_path):
 def test_two_process_shards_give_the_same_predictions(one_process, video_model_dir, test_set, tmp_path):
     src, _ = one_process
     out = tmp_path / "two"
-    p = subprocess.run([PY, "-m", "torch.distributed.run", "--nproc_per_node", "2", "eval.py", "--model",
-                        video_model_dir, "--data", str(test_set), "--out", str(out), "--allow-missing", *TINY],
-                       cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stdout + p.stderr
+    p = run("eval.py", "--model", video_model_dir, "--data", str(test_set), "--out", str(out), "--allow-missing",
+            *TINY, nproc=2)
     assert "generating on 2 rank(s)" in p.stdout
     one = [json.loads(x) for x in (src / "predictions.jsonl").read_text().splitlines()]
     two = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
@@ -559,10 +556,8 @@ def test_constant_baseline_picks_the_best_span_on_train(tmp_path):
     mk = lambda i, span: data.Sample(id=str(i), video="v.mp4", duration=10.0, query="q", spans=[span], source="s")
     data.write_jsonl(tmp_path / "train.jsonl", [mk(0, [0, 4]), mk(1, [0, 4]), mk(2, [0, 8])])
     data.write_jsonl(tmp_path / "test.jsonl", [mk(3, [0, 4]), mk(4, [0, 8])])
-    p = subprocess.run([sys.executable, str(ROOT / "eval.py"), "baseline", "--train", str(tmp_path / "train.jsonl"),
-                        "--test", str(tmp_path / "test.jsonl"), "--out", str(tmp_path / "b"), "--grid", "1"],
-                       capture_output=True, text=True, cwd=ROOT)
-    assert p.returncode == 0, p.stderr
+    run("eval.py", "baseline", "--train", str(tmp_path / "train.jsonl"), "--test", str(tmp_path / "test.jsonl"),
+        "--out", str(tmp_path / "b"), "--grid", "1")
     m = json.loads((tmp_path / "b" / "metrics.json").read_text())
     assert m["constant_span"] == [0.0, 4.0]
     assert m["train_mIoU"] == pytest.approx(100 * 2.5 / 3)

@@ -11,17 +11,16 @@ import textwrap
 import pytest
 
 import data
+import forked
 from conftest import MAX_PIXELS, MIN_PIXELS, NFRAMES, ROOT
-from test_grpo import env, free_port
 
 PY = sys.executable
 VIDEO = ["--nframes", str(NFRAMES), "--max-pixels", str(MAX_PIXELS), "--min-pixels", str(MIN_PIXELS)]
 
 
-def torchrun(*args, timeout=300):
-    return subprocess.run([PY, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                           str(free_port()), *map(str, args)], cwd=ROOT, capture_output=True, text=True,
-                          env=dict(env(), PYTHONPATH=str(ROOT)), timeout=timeout)
+def torchrun(script, *args, timeout=300):
+    """`torchrun --nproc_per_node 2 SCRIPT ARGS`, its two ranks started by tests/forked.py."""
+    return forked.run(str(script), args, nproc=2, timeout=timeout)
 
 
 def grpo_args(model_dir, data_path, out, *extra):

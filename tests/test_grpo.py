@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import data
+import forked
 import grpo
 import model as M
 from conftest import MAX_PIXELS, MIN_PIXELS, NFRAMES, ROOT
@@ -34,8 +35,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_grpo(*args, check=True, timeout=300):
-    p = subprocess.run([PY, "grpo.py", *args], cwd=ROOT, capture_output=True, text=True, env=env(), timeout=timeout)
+def run_grpo(*args, check=True, timeout=300, nproc=1):
+    """`python grpo.py ARGS` (nproc > 1: as torchrun's ranks), started by tests/forked.py."""
+    p = forked.run("grpo.py", args, nproc=nproc, timeout=timeout)
     if check:
         assert p.returncode == 0, p.stdout + p.stderr
     return p
@@ -211,10 +213,7 @@ TOY = textwrap.dedent("""
 def run_toy(tmp_path, model_dir, data_path, steps, *extra, nproc=1):
     script = tmp_path / "toy.py"
     script.write_text(TOY)
-    launch = [PY] if nproc == 1 else [PY, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-                                      "--master_port", str(free_port())]
-    p = subprocess.run([*launch, str(script), model_dir, data_path, str(tmp_path / "out"), str(steps), *extra],
-                       cwd=ROOT, capture_output=True, text=True, env=dict(env(), PYTHONPATH=str(ROOT)), timeout=300)
+    p = forked.run(str(script), [model_dir, data_path, tmp_path / "out", steps, *extra], nproc=nproc)
     assert p.returncode == 0, p.stdout + p.stderr
     return [[float(x) for x in ln.split()] for r in range(nproc) for ln in
             (tmp_path / f"out.rank{r}").read_text().splitlines()]
@@ -249,12 +248,8 @@ def test_two_process_zero3_with_a_dropped_group_on_one_rank(tiny_model_dir, synt
 
 def test_two_process_zero3_step_with_reference_model(tiny_model_dir, synth_dir, tmp_path):
     out = tmp_path / "z3"
-    p = subprocess.run([PY, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-                        "grpo.py", "--model", tiny_model_dir, "--data", str(synth_dir / "train.jsonl"),
-                        "--out", str(out), *TINY, "--steps", "2", "--zero-stage", "3", "--beta", "0.04",
-                        "--entropy-coef", "0.5", "--lr", "1e-3"],
-                       cwd=ROOT, capture_output=True, text=True, env=env(), timeout=300)
-    assert p.returncode == 0, p.stdout + p.stderr
+    p = run_grpo("--model", tiny_model_dir, "--data", str(synth_dir / "train.jsonl"), "--out", str(out), *TINY,
+                 "--steps", "2", "--zero-stage", "3", "--beta", "0.04", "--entropy-coef", "0.5", "--lr", "1e-3", nproc=2)
     assert "2 rank(s) x 1 prompts x G=4 = 8 answers per step" in p.stdout
     assert "reference model loaded (beta > 0)" in p.stdout
     recs = metrics(out)
@@ -279,7 +274,8 @@ def test_kill_and_resume_continues_the_same_run(tiny_model_dir, synth_dir, tmp_p
     assert len(rolls) == 6 * 3 and set(rolls[0]) >= {"step", "id", "response", "span", "gt", "reward"}
     assert (whole / "curves.png").stat().st_size > 1000
 
-    # Kill the run as soon as its first checkpoint is written, then resume it.
+    # Kill the run as soon as its first checkpoint is written, then resume it. Started as a user starts
+    # it (a fresh interpreter, stdout a pipe): the script must flush its own log lines to be read live.
     out = tmp_path / "killed"
     proc = subprocess.Popen([PY, "grpo.py", *common, "--out", str(out)], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.DEVNULL, text=True, env=env(), start_new_session=True)

@@ -3,18 +3,16 @@ row [prompt; c_1 ... c_G] gives the plain G-row forward's log-probs, loss and gr
 without activation checkpointing, and as 2-process ZeRO-3 with the same parameter gathers; its
 positions are the plain rows' and its attention is attention under the row's mask; pi_old is pi to the
 bit; the chunked log-probs equal a full softmax and keep no logits for backward."""
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
 
 import data
+import forked
 import grpo
 import model as M
-from conftest import MAX_PIXELS, MIN_PIXELS, NFRAMES, ROOT
-from test_grpo import env, free_port
+from conftest import MAX_PIXELS, MIN_PIXELS, NFRAMES
 
 VKW = dict(nframes=NFRAMES, max_pixels=MAX_PIXELS, min_pixels=MIN_PIXELS)
 
@@ -223,10 +221,7 @@ Z3 = textwrap.dedent("""
 def test_two_process_zero3_packed_gives_the_plain_gradients_with_the_same_gathers(tiny_model_dir, synth_dir, tmp_path):
     script = tmp_path / "z3.py"
     script.write_text(Z3)
-    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                        str(free_port()), str(script), tiny_model_dir, str(synth_dir / "train.jsonl"), str(tmp_path / "o")],
-                       cwd=ROOT, capture_output=True, text=True, timeout=300,
-                       env=dict(env(), PYTHONPATH=f"{ROOT}:{ROOT / 'tests'}"))
+    p = forked.run(str(script), [tiny_model_dir, synth_dir / "train.jsonl", tmp_path / "o"], nproc=2)
     assert p.returncode == 0, p.stdout + p.stderr
     r0, r1 = (torch.load(tmp_path / f"o.rank{r}.pt") for r in (0, 1))
     for res in (r0, r1):

@@ -83,3 +83,14 @@ def test_paper_dry_run_checks_the_16_gpu_plan():
     assert '"train_batch_size": 128' in p.stdout and '"stage": 3' in p.stdout
     assert "parameters 8,292,166,656" in p.stdout  # the real 7B config, built on the meta device
     assert "GiB" in p.stdout and "s/step" in p.stdout
+
+
+def test_paper_ablation_rows_are_checked_before_anything_runs():
+    """ABLATION_ROWS picks rows (tests/test_rehearsal.py runs two); one this run cannot make (R1-U needs
+    our own annotation: without GEMINI_API_KEY only R1-Zero on the released RL set exists) stops the run
+    naming the rows it can."""
+    env = {k: v for k, v in os.environ.items() if k != "GEMINI_API_KEY"}
+    p = subprocess.run(["bash", str(ROOT / "run.sh"), "paper", "--dry-run"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=600, env=dict(env, ABLATIONS="1", ABLATION_ROWS="zero grpo_r1u"))
+    assert p.returncode == 2 and "ABLATION_ROWS: 'grpo_r1u' is not one of the rows this run can make: zero" in p.stderr
+    assert "+ python" not in p.stdout  # refused before any stage (the rehearsal runs a subset that exists)

@@ -3,24 +3,23 @@
 without a span from the random tiny model; and the vision tower run once for all queries of a video
 with the same tokens as answering each query alone."""
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 from PIL import Image
 
 import data
+import forked
 import model
 import predict
-from conftest import MAX_PIXELS, MIN_PIXELS, NFRAMES, ROOT
+from conftest import MAX_PIXELS, MIN_PIXELS, NFRAMES
 
 VIDEO = ["--nframes", str(NFRAMES), "--max-pixels", str(MAX_PIXELS), "--min-pixels", str(MIN_PIXELS)]
 
 
 def run(*args):
-    return subprocess.run([sys.executable, str(ROOT / "predict.py"), *map(str, args)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
+    """`python predict.py ARGS`, started by tests/forked.py."""
+    return forked.run("predict.py", args)
 
 
 @pytest.fixture(scope="module")

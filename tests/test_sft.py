@@ -6,9 +6,6 @@ import json
 import os
 import shutil
 import signal
-import socket
-import subprocess
-import sys
 import time
 
 import pytest
@@ -16,9 +13,10 @@ import torch
 from safetensors.torch import load_file
 
 import data
+import forked
 import model
 import sft
-from conftest import MAX_PIXELS, MIN_PIXELS, NFRAMES, ROOT
+from conftest import MAX_PIXELS, MIN_PIXELS, NFRAMES
 
 VIDEO = ["--nframes", str(NFRAMES), "--max-pixels", str(MAX_PIXELS), "--min-pixels", str(MIN_PIXELS)]
 
@@ -38,22 +36,9 @@ def coldstart(synth_dir, tmp_path_factory):
     return make_coldstart(synth_dir / "train.jsonl", tmp_path_factory.mktemp("cold") / "coldstart.jsonl")
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def sft_cmd(flags, nproc=1):
-    launch = [sys.executable]
-    if nproc > 1:
-        launch += ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(free_port())]
-    return launch + [str(ROOT / "sft.py")] + [str(f) for f in flags] + VIDEO
-
-
 def run_sft(flags, nproc=1, check=True):
-    r = subprocess.run(sft_cmd(flags, nproc), cwd=ROOT, capture_output=True, text=True, timeout=600,
-                       env=dict(os.environ, DS_ACCELERATOR="cpu"))
+    """`python sft.py FLAGS` (nproc > 1: as torchrun's ranks), started by tests/forked.py."""
+    r = forked.run("sft.py", [*flags, *VIDEO], nproc=nproc, timeout=600)
     if check:
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
     return r
@@ -230,17 +215,13 @@ def test_freeze_vision_under_zero3_trains_the_language_model_only(reference, tmp
 def test_kill_and_resume_equals_uninterrupted(reference, tmp_path):
     flags, ref = reference
     out = tmp_path / "killed"
-    log = open(tmp_path / "log.txt", "w")
-    p = subprocess.Popen(sft_cmd(flags + ["--out", out]), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                         env=dict(os.environ, DS_ACCELERATOR="cpu"), start_new_session=True)
+    p = forked.Run("sft.py", [*flags, "--out", out, *VIDEO], tmp_path / "log.txt")
     try:
-        while model.latest_checkpoint(str(out)) is None and p.poll() is None:
+        while model.latest_checkpoint(str(out)) is None and p.alive():
             time.sleep(0.02)
     finally:
-        os.killpg(p.pid, signal.SIGKILL)  # the process group of the run started above
-        p.wait()
-    log.close()
-    assert p.returncode == -signal.SIGKILL, open(tmp_path / "log.txt").read()[-3000:]
+        p.kill()
+    assert p.procs[0].exitcode == -signal.SIGKILL, p.text()[-3000:]
     assert not os.path.exists(out / "model")  # killed before the end
     ckpt = model.latest_checkpoint(str(out))
     step = json.load(open(os.path.join(ckpt, "trainer_state.json")))["step"]
