@@ -8,8 +8,9 @@ Naive (what several peer recipes do): the prompt is copied G times, so the video
 G times; `generate` runs the vision encoder and the prompt prefill for every copy, and the training
 forward encodes the video again for each of the G sequences and runs the prompt G times.
 
-Ours (grpo.py): the video is encoded and the prompt prefilled ONCE per prompt, the KV cache is repeated
-for the G samples (`grpo.generate_shared`); the training forward runs the video and the prompt ONCE per
+Ours (grpo.py): the video is encoded and the prompt prefilled ONCE per prompt, and its KV cache is held
+once while the G samples are drawn (`grpo.generate_shared`: the rollout line compares it with the cache
+repeated G times, what it did before); the training forward runs the video and the prompt ONCE per
 group, in one packed row [prompt; c_1 ... c_G] (`grpo.sequence_logprobs`, model.py). "Ours, plain
 update" is the step before the packed row: the same rollout, the video encoded once in the training
 forward, but G rows [prompt; c_i] (grpo.py --update plain).
@@ -21,6 +22,7 @@ samples, log-probs, loss and gradients, print the times (each part the fastest o
     speedup: naive / ours with the plain update (what sharing the rollout and the video gives)
     update speedup: the loss forward + backward, G prompt copies / packed (prompt ~10x the answer, G = 8)
     step speedup: naive / ours
+    rollout speedup: ours' rollout with the prompt's cache repeated G times / held once
     taro step: a TaRO step at its costliest (grpo.py --taro at step 1: every rollout guided, so each
                [prompt; caption prefix] is prefilled on its own; the bonus's two no-grad forwards; the
                answers longer by their prefix) / ours
@@ -187,10 +189,17 @@ def main() -> None:
 
         step("packed", gen=gen_kwargs_for(policy, processor, 4))  # warm-up: lazy imports, allocator
         runs = {"naive": [], "plain": [], "packed": []}
+        repeated = []  # ours' rollout with the prompt's cache repeated G times (generate_shared's old way)
         for _ in range(a.repeats):  # interleaved, so a busy machine slows every path alike
             runs["naive"].append(step("naive"))
             for mode in ("plain", "packed"):
                 runs[mode].append(step(mode, ids=runs["naive"][-1][3]))
+            torch.manual_seed(a.seed)
+            t0 = time.time()
+            with torch.no_grad():
+                new = M.generate_shared(policy, data.build_inputs(processor, [sample], [video], **vkw), G, gen,
+                                        shared_decode=False)
+            repeated.append((time.time() - t0, torch.equal(new, runs["packed"][-1][3])))
         # each part's fastest repeat; the rest (samples, log-probs, loss, grads) from the last repeat
         best = {m: (min(r[0] for r in rs), min(r[1] for r in rs), min(r[2] for r in rs), *rs[-1][3:])
                 for m, rs in runs.items()}
@@ -213,6 +222,9 @@ def main() -> None:
               f"packed {o[1]:.2f} s)")
         print(f"step speedup: {(n[0] + n[1]) / (o[0] + o[1]):.2f}x  (naive {n[0] + n[1]:.2f} s vs ours "
               f"{o[0] + o[1]:.2f} s)")
+        r = min(t for t, _ in repeated)
+        print(f"rollout speedup: {r / o[0]:.2f}x  (ours' rollout, the prompt's KV cache repeated G times {r:.2f} s "
+              f"vs held once {o[0]:.2f} s; same samples: {all(same for _, same in repeated)})")
 
         # --- TaRO (grpo.py --taro) at its costliest, the first step: every rollout guided (each [prompt;
         #     prefix] prefilled on its own, the video encoded once), plus the bonus's two no-grad forwards.

@@ -17,7 +17,11 @@ The CPU tests run the same code with gloo, float32, tiny shapes and small files;
 * rollout: tokens per second of a ZeRO-3 rollout (G = 8 answers of a paper-size prompt, the cut 7B)
   with and without --gather-for-rollout's gathering: with it the weights are gathered once, without
   it once per generated token. On one GPU the gathers cost no communication, only ZeRO-3's hooks, so
-  the ratio here is a lower bound of the one on 16 GPUs.
+  the ratio here is a lower bound of the one on 16 GPUs. Then, gathered once, the prompt's KV cache
+  held once while sampling (grpo.py's attention, model.shared_prefix_attention: plain matmuls in
+  float32, no fused kernel) against repeated G times (SDPA): tokens per second and peak memory; it
+  passes when the shared cache takes less memory (the speed is reported, not judged: the CPU cannot
+  say which side the GPU's kernels favour).
 
 Without CUDA it says that it needs a GPU and exits 2. Its CPU-checkable parts (the arguments, the cut
 config, the extrapolation) are tested in tests/test_gpu_paths.py.
@@ -204,9 +208,25 @@ def rollout_check(a) -> bool:
         torch.cuda.synchronize()
         speed[name] = a.group_size * a.rollout_tokens / (time.time() - t)
     ratio = speed["gathered once"] / speed["per token"]
-    return report("rollout", ratio > 1.0, f"{speed['per token']:.0f} tokens/s gathering per token, "
-                  f"{speed['gathered once']:.0f} gathered once: {ratio:.2f}x (cut 7B, {a.group_size} x "
-                  f"{a.rollout_tokens} tokens, 1 GPU)")
+    ok = report("rollout", ratio > 1.0, f"{speed['per token']:.0f} tokens/s gathering per token, "
+                f"{speed['gathered once']:.0f} gathered once: {ratio:.2f}x (cut 7B, {a.group_size} x "
+                f"{a.rollout_tokens} tokens, 1 GPU)")
+    # The prompt's cache held once (grpo.py's attention) against repeated G times, both gathered once
+    peak = {}
+    for name, shared in (("repeated", False), ("held once", True)):
+        if shared:
+            M.use_prefix_attention(engine.module)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        t = time.time()
+        with unwrap_model_for_generation(engine):
+            grpo.generate_shared(engine.module, batch, a.group_size, gen, shared_decode=shared)
+        torch.cuda.synchronize()
+        speed[name], peak[name] = a.group_size * a.rollout_tokens / (time.time() - t), torch.cuda.max_memory_allocated()
+    return ok & report("rollout cache", peak["held once"] < peak["repeated"],
+                       f"prompt cache repeated {a.group_size}x: {speed['repeated']:.0f} tokens/s, peak "
+                       f"{peak['repeated'] / GiB:.1f} GiB; held once: {speed['held once']:.0f} tokens/s "
+                       f"({speed['held once'] / speed['repeated']:.2f}x), peak {peak['held once'] / GiB:.1f} GiB")
 
 
 def main(argv=None) -> None:

@@ -147,7 +147,8 @@ class PackedLayout:
 
 
 def prefix_attention(module, query, key, value, attention_mask, packed_layout=None, **kwargs):
-    """Transformers' SDPA attention, except on a packed row [prompt; c_1 ... c_G] (`packed_layout`):
+    """Transformers' SDPA attention, except while sampling answers to a prompt held once
+    (`module.shared_prefix`: shared_prefix_attention) and on a packed row [prompt; c_1 ... c_G] (`packed_layout`):
     there two SDPA calls compute exactly the pairs the row's rule allows. The prompt attends causally
     to itself (is_causal). The completions, gathered into a (G, C) batch, attend to [prompt; own
     tokens] with a (C, Lp + C) mask: token j sees the prompt and tokens <= j, never another completion.
@@ -157,6 +158,9 @@ def prefix_attention(module, query, key, value, attention_mask, packed_layout=No
     a GPU can check which kernels it picks and their speed. query (1, H, T, d), key and value
     (1, H_kv, T, d) -> ((1, T, H, d), None), as SDPA's."""
     from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+    if getattr(module, "shared_prefix", None) is not None:  # sampling G answers to each prompt (generate_shared)
+        return shared_prefix_attention(module, query, key, value, attention_mask, module.shared_prefix,
+                                       kwargs.get("scaling"))
     if packed_layout is None:  # every other forward: generate, eval, the plain update
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     Lp, rows, valid = packed_layout.prompt_len, packed_layout.rows, packed_layout.valid
@@ -298,21 +302,99 @@ def prompt_inputs(batch, i: int) -> dict:
             "second_per_grid_ts": batch["second_per_grid_ts"][i:i + 1]}
 
 
+@dataclass
+class SharedPrefix:
+    """One layer's prompt keys and values, one float32 copy per prompt (P, H_kv, Lpre, d), that the G
+    answers to each prompt attend to while they are sampled (generate_shared). Set on the layer's
+    attention module for the generate call only: generate refuses kwargs the model's forward does not
+    name, so it cannot travel as PackedLayout does in training."""
+    keys: torch.Tensor
+    values: torch.Tensor
+
+
+def _suffix_layer(prefix_len: int):
+    """A DynamicLayer for the tokens after a shared prefix of `prefix_len` tokens: it stores only them,
+    and counts the prefix in its length (so generate's positions and masks are those of the whole row)."""
+    from transformers.cache_utils import DynamicLayer
+
+    class SuffixLayer(DynamicLayer):
+        def get_seq_length(self) -> int:
+            return prefix_len + super().get_seq_length()
+    return SuffixLayer()
+
+
+def shared_prefix_attention(module, query, key, value, attention_mask, prefix: SharedPrefix, scaling=None):
+    """Attention of B = P x G rows, each [prompt p; own tokens], where the prompt's keys and values are
+    held once per prompt (`prefix`) and `key`, `value` hold only the rows' own tokens (B, H_kv, t, d).
+    The scores against the prompt are one matmul per prompt and key head, its G x n_rep x q queries
+    as rows: the prompt's keys are read once, not copied G times into the cache and read G times (the
+    plain cache's cost while sampling, ~1/3 of a CPU rollout in bench.py's setting). In float32, as a
+    fused kernel accumulates. attention_mask: SDPA's, over the whole row
+    (B, 1, q, Lpre + t), True or 0 where allowed, or None (every key allowed; with q > 1, causal).
+    -> ((B, q, H, d), None), as SDPA's."""
+    pk, pv = prefix.keys, prefix.values
+    (B, H, q, d), (P, Hkv, Lpre, _), t = query.shape, pk.shape, key.shape[2]
+    G, n_rep = B // P, H // Hkv
+    scaling = d ** -0.5 if scaling is None else scaling
+
+    def by_prompt(x):  # (B, H, q, n) -> (P, H_kv, G * n_rep * q, n): a prompt's queries as rows
+        return x.reshape(P, G, Hkv, n_rep, q, -1).transpose(1, 2).reshape(P, Hkv, G * n_rep * q, -1)
+
+    def by_row(x):  # the inverse
+        return x.reshape(P, Hkv, G, n_rep, q, -1).transpose(1, 2).reshape(B, H, q, -1)
+
+    def by_key_head(x):  # (B, H, q, n) -> (B, H_kv, n_rep * q, n), a view: head h reads key head h // n_rep
+        return x.reshape(B, Hkv, n_rep * q, -1)
+
+    # float32 throughout (the prefix is stored so): bf16 scores would round a logit of 20 to steps of 0.125
+    dtype, query = query.dtype, query.float()
+    own_k, own_v = key.float(), value.float()  # (B, H_kv, t, d): t is the answer so far
+    scores = torch.cat([by_row(by_prompt(query) @ pk.transpose(-1, -2)),
+                        (by_key_head(query) @ own_k.transpose(-1, -2)).reshape(B, H, q, t)], -1)
+    scores = scores * scaling  # (B, H, q, Lpre + t)
+    if attention_mask is None and q > 1:  # query i is the row's token Lpre + t - q + i
+        attention_mask = torch.ones(q, Lpre + t, dtype=torch.bool, device=query.device).tril(Lpre + t - q)
+    if attention_mask is not None:
+        if attention_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attention_mask, float("-inf"))
+        else:
+            scores = scores + attention_mask.float()
+    w = scores.softmax(-1)
+    out = by_row(by_prompt(w[..., :Lpre]) @ pv) + (by_key_head(w[..., Lpre:]) @ own_v).reshape(B, H, q, d)
+    return out.to(dtype).transpose(1, 2).contiguous(), None
+
+
 @torch.no_grad()
-def generate_shared(model, batch, G: int, gen_kwargs: dict) -> torch.Tensor:
+def generate_shared(model, batch, G: int, gen_kwargs: dict, shared_decode: bool = True) -> torch.Tensor:
     """Sample G answers for each prompt of a left-padded batch: (P * G, Lc) new ids, grouped by prompt.
-    The vision encoder and the prompt prefill run once per prompt; the KV cache is repeated G times."""
-    out = model(**batch, use_cache=True, logits_to_keep=1)  # (P, ...) prefill, video encoded once
-    cache = out.past_key_values
-    cache.batch_repeat_interleave(G)
-    cache.crop(-1)  # generate must see one uncached token to produce the first logits
+    The vision encoder and the prompt prefill run once per prompt. While sampling, the prompt's keys
+    and values stay one copy per prompt (SharedPrefix, shared_prefix_attention) when the model's text
+    attention is prefix_attention (use_prefix_attention; grpo.py's); else, or with shared_decode=False,
+    the cache is repeated G times."""
+    cache = model(**batch, use_cache=True, logits_to_keep=1).past_key_values  # (P, ...) prefill, video encoded once
+    attention = [layer.self_attn for layer in model.model.language_model.layers]
+    if shared_decode and model.config.get_text_config()._attn_implementation == PREFIX_ATTENTION:
+        from transformers import DynamicCache
+        Lpre = batch["input_ids"].shape[1] - 1  # generate must see one uncached token to produce the first logits
+        for module, layer in zip(attention, cache.layers):
+            # float32: for the 7B's 4.2K-token prompt 0.48 GB a prompt, against 1.9 GB for G = 8 bf16 copies
+            module.shared_prefix = SharedPrefix(layer.keys[:, :, :Lpre].float(), layer.values[:, :, :Lpre].float())
+        cache = DynamicCache()
+        cache.layers = [_suffix_layer(Lpre) for _ in attention]
+    else:
+        cache.batch_repeat_interleave(G)
+        cache.crop(-1)  # generate must see one uncached token to produce the first logits
     # Continuing from a cache, generate places new tokens at (token index + model.model.rope_deltas).
     # The prefill set rope_deltas (P, 1) from the prompt's real positions (model.get_rope_index: the
     # text resumes after the video's last position); the G copies of a prompt share it.
     model.model.rope_deltas = model.model.rope_deltas.repeat_interleave(G, 0)  # (P * G, 1)
     ids = batch["input_ids"].repeat_interleave(G, 0)
-    seqs = model.generate(input_ids=ids, attention_mask=batch["attention_mask"].repeat_interleave(G, 0),
-                          past_key_values=cache, **gen_kwargs)
+    try:
+        seqs = model.generate(input_ids=ids, attention_mask=batch["attention_mask"].repeat_interleave(G, 0),
+                              past_key_values=cache, **gen_kwargs)
+    finally:
+        for module in attention:
+            module.shared_prefix = None
     return seqs[:, ids.shape[1]:]
 
 

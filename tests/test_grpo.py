@@ -139,6 +139,29 @@ class Record:
         return scores
 
 
+@pytest.mark.parametrize("q", [1, 3])
+@pytest.mark.parametrize("mask_kind", ["bool", "float", "none"])
+def test_shared_prefix_attention_is_attention_over_the_whole_row(q, mask_kind):
+    """Sampling's attention with the prompt held once per prompt (model.shared_prefix_attention) against
+    SDPA over each row's own copy of [prompt; own tokens]: 2 prompts x G = 3 rows, grouped-query heads
+    (2 per key head), the second prompt left-padded by 2, q new tokens attending causally."""
+    torch.manual_seed(0)
+    P, G, Hkv, n_rep, Lpre, t, d = 2, 3, 2, 2, 7, 4, 8
+    B, H = P * G, Hkv * n_rep
+    pk, pv = torch.randn(P, Hkv, Lpre, d), torch.randn(P, Hkv, Lpre, d)
+    key, value, query = torch.randn(B, Hkv, t, d), torch.randn(B, Hkv, t, d), torch.randn(B, H, q, d)
+    allowed = torch.ones(B, 1, q, Lpre + t, dtype=torch.bool).tril(Lpre + t - q)  # token Lpre + t - q + i sees <= it
+    if mask_kind != "none":
+        allowed[G:, :, :, :2] = False  # the second prompt's padding
+    mask = {"bool": allowed, "float": torch.zeros(allowed.shape).masked_fill(~allowed, float("-inf")),
+            "none": None}[mask_kind]
+    whole = lambda pre, own: torch.cat([pre.repeat_interleave(G, 0), own], 2).repeat_interleave(n_rep, 1)  # noqa: E731
+    want = torch.nn.functional.scaled_dot_product_attention(query, whole(pk, key), whole(pv, value),
+                                                            attn_mask=allowed).transpose(1, 2)
+    got, _ = M.shared_prefix_attention(None, query, key, value, mask, M.SharedPrefix(pk, pv))
+    assert got.shape == (B, q, H, d) and (got - want).abs().max() < 1e-5
+
+
 def test_shared_path_gives_the_naive_samples_and_log_probs(tiny_model_dir, synth_dir):
     from transformers import LogitsProcessorList
     import bench
@@ -159,6 +182,10 @@ def test_shared_path_gives_the_naive_samples_and_log_probs(tiny_model_dir, synth
         torch.manual_seed(0)
         ours = grpo.generate_shared(m, data.build_inputs(proc, [s], [v], **vkw), G, gen)
         assert torch.equal(naive, ours)
+        torch.manual_seed(0)  # the prompt's cache repeated G times: the same answers too
+        assert torch.equal(grpo.generate_shared(m, data.build_inputs(proc, [s], [v], **vkw), G, gen,
+                                                shared_decode=False), ours)
+        assert all(a.self_attn.shared_prefix is None for a in m.model.language_model.layers)  # cleared after
         mask = grpo.completion_mask(ours, grpo.stop_ids(m, tok), tok.pad_token_id)
         with torch.no_grad():
             lp_naive = bench.naive_logprobs(m, batch, ours, mask, 1.0)
