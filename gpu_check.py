@@ -222,11 +222,13 @@ def rollout_check(a) -> bool:
         with unwrap_model_for_generation(engine):
             grpo.generate_shared(engine.module, batch, a.group_size, gen, shared_decode=shared)
         torch.cuda.synchronize()
-        speed[name], peak[name] = a.group_size * a.rollout_tokens / (time.time() - t), torch.cuda.max_memory_allocated()
+        speed[name] = a.group_size * a.rollout_tokens / (time.time() - t)
+        peak[name] = torch.cuda.max_memory_allocated()
     return ok & report("rollout cache", peak["held once"] < peak["repeated"],
                        f"prompt cache repeated {a.group_size}x: {speed['repeated']:.0f} tokens/s, peak "
                        f"{peak['repeated'] / GiB:.1f} GiB; held once: {speed['held once']:.0f} tokens/s "
-                       f"({speed['held once'] / speed['repeated']:.2f}x), peak {peak['held once'] / GiB:.1f} GiB")
+                       f"({speed['held once'] / speed['repeated']:.2f}x), peak "
+                       f"{peak['held once'] / GiB:.1f} GiB")
 
 
 def main(argv=None) -> None:

@@ -51,12 +51,11 @@ def context():
     return _ctx
 
 
-def _main(script: str, argv: list[str], env: dict, log: str, max_file_bytes: int | None, err_log: str | None,
-          cwd: str) -> None:
-    """In the forked process: the environment and the directory, stdout to `log` and stderr to `err_log`
-    (or also to `log`), then the script as __main__."""
+def _main(script: str, argv: list[str], env: dict, log: str, max_file_bytes: int | None, err_log: str | None) -> None:
+    """In the forked process: the environment, the repo as working directory (as the tests' subprocesses
+    had), stdout to `log` and stderr to `err_log` (or also to `log`), then the script as __main__."""
     os.environ.update(env)
-    os.chdir(cwd)
+    os.chdir(ROOT)
     for fd_to, path in ((1, log), (2, err_log or log)):
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         os.dup2(fd, fd_to)
@@ -79,7 +78,7 @@ class Run:
     """`python SCRIPT ARGS`, or `torchrun --nproc_per_node NPROC SCRIPT ARGS`, forked (see the module)."""
 
     def __init__(self, script: str, args, log: Path, nproc: int = 1, max_file_bytes: int | None = None,
-                 env: dict | None = None, split: bool = False, cwd: Path = ROOT):
+                 env: dict | None = None, split: bool = False):
         """Each rank's stdout and stderr go to one log, `log` (`log.rankR` with nproc > 1), or with
         `split` to `log.out` and `log.err` (`log.rankR.out`, ...)."""
         self.logs = [Path(f"{log}.rank{r}") if nproc > 1 else Path(log) for r in range(nproc)]
@@ -92,8 +91,8 @@ class Run:
                                                MASTER_PORT=str(port))
             p = context().Process(target=_main, args=(script, [str(a) for a in args], {**(env or {}), **ranks},
                                                       f"{self.logs[r]}.out" if split else str(self.logs[r]),
-                                                      max_file_bytes, f"{self.logs[r]}.err" if split else None,
-                                                      str(cwd)), daemon=True)
+                                                      max_file_bytes, f"{self.logs[r]}.err" if split else None),
+                                  daemon=True)
             p.start()
             self.procs.append(p)
 
@@ -136,13 +135,12 @@ class Run:
             time.sleep(every)
 
 
-def run(script: str, args, nproc: int = 1, env: dict | None = None, timeout: float = 300,
-        cwd: Path = ROOT) -> subprocess.CompletedProcess:
+def run(script: str, args, nproc: int = 1, timeout: float = 300) -> subprocess.CompletedProcess:
     """`subprocess.run([python, script, *args], capture_output=True, text=True)`, or with nproc > 1 its
     torchrun equivalent, forked (see the module). As torchrun's agent does, a rank that fails stops the
-    others (after a 5 s grace, for their own messages); the return code is the first non-zero rank's."""
+    others (after a 5 s grace, for their own messages); the return code is a failed rank's own."""
     with tempfile.TemporaryDirectory() as d:
-        r = Run(script, args, Path(d) / "log", nproc=nproc, env=env, split=True, cwd=cwd)
+        r = Run(script, args, Path(d) / "log", nproc=nproc, split=True)
         deadline = time.time() + timeout
         failed_at = None
         while r.alive():

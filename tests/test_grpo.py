@@ -276,7 +276,8 @@ def test_two_process_zero3_with_a_dropped_group_on_one_rank(tiny_model_dir, synt
 def test_two_process_zero3_step_with_reference_model(tiny_model_dir, synth_dir, tmp_path):
     out = tmp_path / "z3"
     p = run_grpo("--model", tiny_model_dir, "--data", str(synth_dir / "train.jsonl"), "--out", str(out), *TINY,
-                 "--steps", "2", "--zero-stage", "3", "--beta", "0.04", "--entropy-coef", "0.5", "--lr", "1e-3", nproc=2)
+                 "--steps", "2", "--zero-stage", "3", "--beta", "0.04", "--entropy-coef", "0.5", "--lr", "1e-3",
+                 nproc=2)
     assert "2 rank(s) x 1 prompts x G=4 = 8 answers per step" in p.stdout
     assert "reference model loaded (beta > 0)" in p.stdout
     recs = metrics(out)
