@@ -23,8 +23,8 @@ samples, log-probs, loss and gradients, print the times (each part the fastest o
     update speedup: the loss forward + backward, G prompt copies / packed (prompt ~10x the answer, G = 8)
     step speedup: naive / ours
     rollout speedup: ours' rollout with the prompt's cache repeated G times / held once
-    taro step: a TaRO step at its costliest (grpo.py --taro at step 1: every rollout guided, so each
-               [prompt; caption prefix] is prefilled on its own; the bonus's two no-grad forwards; the
+    taro step: a TaRO step at its costliest (grpo.py --taro at step 1: every rollout guided, continuing
+               the prompt's one prefill from its caption prefix; the bonus's two no-grad forwards; the
                answers longer by their prefix) / ours
 The shape is the 7B's in proportion: the prompt is ~10x an answer, and the vision tower (128 wide, 2
 blocks) costs ~0.4 of the prompt's prefill, as the 7B's ViT does on 64 frames (2.2e13 vs 6.0e13 FLOPs);
@@ -106,8 +106,8 @@ def taro_step(policy, processor, sample, video, batch1, G: int, gen: dict, adv, 
     draw = torch.Generator().manual_seed(0)
     prefixes = [tok.encode(data.guided_prefix(sample.query, sample.captions, draw), add_special_tokens=False)
                 for _ in range(G)]
-    ids = M.generate_from_prefixes(policy, prompt, prefixes, gen, tok.pad_token_id,
-                                   max_len=max(map(len, prefixes)) + gen["max_new_tokens"])
+    ids = M.generate_from_prefixes(policy, data.build_inputs(processor, [sample], [video], **vkw), G, prefixes, gen,
+                                   tok.pad_token_id, max_len=max(map(len, prefixes)) + gen["max_new_tokens"])
     mask = grpo.completion_mask(ids, grpo.stop_ids(policy, tok), tok.pad_token_id)
     logprobs = functools.partial(grpo.sequence_logprobs, temperature=1.0, packed=True)
     args = argparse.Namespace(tsr_radius=3.0)
@@ -226,8 +226,8 @@ def main() -> None:
         print(f"rollout speedup: {r / o[0]:.2f}x  (ours' rollout, the prompt's KV cache repeated G times {r:.2f} s "
               f"vs held once {o[0]:.2f} s; same samples: {all(same for _, same in repeated)})")
 
-        # --- TaRO (grpo.py --taro) at its costliest, the first step: every rollout guided (each [prompt;
-        #     prefix] prefilled on its own, the video encoded once), plus the bonus's two no-grad forwards.
+        # --- TaRO (grpo.py --taro) at its costliest, the first step: every rollout guided (the prompt
+        #     prefilled once, each row continuing from its prefix), plus the bonus's two no-grad forwards.
         taro = [taro_step(policy, processor, sample, video, batch1, G, gen, adv, vkw) for _ in range(a.repeats)]
         t = min(taro)
         print(f"taro step: {t / (o[0] + o[1]):.2f}x ours  (all {G} rollouts guided + the temporal-sensitivity "

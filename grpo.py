@@ -52,9 +52,10 @@ for all of them with TaRO's released constants, or each with its own flags:
   specific moment {query}.\n` + a random non-empty, time-ordered subset of the sample's dense captions
   with their times (data.guided_prefix; no ground truth); the prefix counts as completion in the loss.
   Guided rollouts are off-policy: after the group's normalisation A = max(A, 0), and their loss is
-  -A * log pi with no ratio and no clip (TaRO's released "mask" mode). A guided row is generated from
-  its own [prompt; prefix] (model.generate_from_prefixes: the video encoded once, each row prefilled),
-  and an answer is cut at --max-new-tokens counting its prefix.
+  -A * log pi with no ratio and no clip (TaRO's released "mask" mode). A guided row continues the
+  prompt's one prefill with its prefix (model.generate_from_prefixes: guided and free rows of all
+  prompts in one generate call, the video encoded and the prompt prefilled once per prompt), and an
+  answer is cut at --max-new-tokens counting its prefix.
 * Temporal-sensitivity reward (--tsr-alpha, --tsr-radius, --tsr-iou-min, --tsr-margin). For each
   rollout, d_i = the token mean over its completion of log pi(y|V) - log pi(y|V'), V' the video with
   the frames within r s of the GT start shuffled among themselves and likewise around the end; bonus
@@ -445,10 +446,12 @@ def grpo_step(engine, ref, processor, samples: list[data.Sample], args, reward_f
             batch = to_device(data.build_inputs(processor, samples[a:a + chunk], videos[a:a + chunk], **vkw), dev)
             if p_guided == 0:  # the same on every rank, so every rank makes the same generate calls
                 new = generate_shared(policy, batch, G, gen_kwargs).cpu()
+            else:
+                new = generate_from_prefixes(policy, batch, G, [p for ps in prefixes[a:a + chunk] for p in ps],
+                                             gen_kwargs, tok.pad_token_id, args.max_new_tokens).cpu()
             for j in range(len(samples[a:a + chunk])):
                 prompts.append(prompt_inputs(batch, j))
-                completions.append(new[j * G:(j + 1) * G] if p_guided == 0 else generate_from_prefixes(
-                    policy, prompts[-1], prefixes[a + j], gen_kwargs, tok.pad_token_id, args.max_new_tokens).cpu())
+                completions.append(new[j * G:(j + 1) * G])
     t1 = time.time()
 
     # 2. Reward, against the original ground truth; TaRO's bonus; advantages within each group.

@@ -365,12 +365,20 @@ def shared_prefix_attention(module, query, key, value, attention_mask, prefix: S
 
 
 @torch.no_grad()
-def generate_shared(model, batch, G: int, gen_kwargs: dict, shared_decode: bool = True) -> torch.Tensor:
+def generate_shared(model, batch, G: int, gen_kwargs: dict, shared_decode: bool = True, prefixes=None,
+                    pad_id: int = 0) -> torch.Tensor:
     """Sample G answers for each prompt of a left-padded batch: (P * G, Lc) new ids, grouped by prompt.
     The vision encoder and the prompt prefill run once per prompt. While sampling, the prompt's keys
     and values stay one copy per prompt (SharedPrefix, shared_prefix_attention) when the model's text
     attention is prefix_attention (use_prefix_attention; grpo.py's); else, or with shared_decode=False,
-    the cache is repeated G times."""
+    the cache is repeated G times.
+
+    `prefixes` (P * G lists of token ids, grouped by prompt): the start each answer continues from
+    (TaRO's guided rollouts, generate_from_prefixes; [] for a free one). The prompt is still prefilled
+    once; row i continues it with [pad; prompt's last token; prefix_i], padded to the longest prefix.
+    The pads are masked out, and Qwen2.5-VL's positions during generation come from the attention
+    mask's running count plus the prompt's rope delta, so the prefix sits exactly where it would right
+    after the prompt. Only the tokens after the prefix are returned."""
     cache = model(**batch, use_cache=True, logits_to_keep=1).past_key_values  # (P, ...) prefill, video encoded once
     attention = [layer.self_attn for layer in model.model.language_model.layers]
     if shared_decode and model.config.get_text_config()._attn_implementation == PREFIX_ATTENTION:
@@ -388,10 +396,19 @@ def generate_shared(model, batch, G: int, gen_kwargs: dict, shared_decode: bool 
     # The prefill set rope_deltas (P, 1) from the prompt's real positions (model.get_rope_index: the
     # text resumes after the video's last position); the G copies of a prompt share it.
     model.model.rope_deltas = model.model.rope_deltas.repeat_interleave(G, 0)  # (P * G, 1)
-    ids = batch["input_ids"].repeat_interleave(G, 0)
+    ids, mask = batch["input_ids"].repeat_interleave(G, 0), batch["attention_mask"].repeat_interleave(G, 0)
+    if prefixes is not None:
+        # Row i becomes [prompt[:-1]; pad; prompt[-1]; prefix_i]: it ends in a real token, whose logits
+        # the first sample is drawn from (a free row ending in a pad would sample from the pad's).
+        assert len(prefixes) == len(ids), f"{len(prefixes)} prefixes for {len(ids)} rows"
+        tail = torch.full((len(ids), 1 + max(map(len, prefixes))), pad_id, dtype=ids.dtype, device=ids.device)
+        seen = torch.zeros_like(tail, dtype=mask.dtype)
+        for i, p in enumerate(prefixes):
+            tail[i, -1 - len(p):] = torch.cat([ids[i, -1:], torch.tensor(p, dtype=ids.dtype, device=ids.device)])
+            seen[i, -1 - len(p):] = 1
+        ids, mask = torch.cat([ids[:, :-1], tail], 1), torch.cat([mask[:, :-1], seen], 1)
     try:
-        seqs = model.generate(input_ids=ids, attention_mask=batch["attention_mask"].repeat_interleave(G, 0),
-                              past_key_values=cache, **gen_kwargs)
+        seqs = model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, **gen_kwargs)
     finally:
         for module in attention:
             module.shared_prefix = None
@@ -404,36 +421,18 @@ def to_device(d: dict, device) -> dict:
 
 
 @torch.no_grad()
-def generate_from_prefixes(model, prompt: dict, prefixes: list[list[int]], gen_kwargs: dict, pad_id: int,
-                           max_len: int) -> torch.Tensor:
-    """k answers to ONE prompt, answer i continuing from its own prefix of token ids (TaRO's guided
-    rollouts; an empty prefix is a free rollout) -> (k, max_len) ids: prefix + sampled tokens, cut at
-    `max_len` tokens in all (so a long prefix never pushes the answer past the response limit, a flaw
-    of TaRO's released code), right-padded with pad_id.
-
-    The video is encoded once for the k rows (its features handed to generate, as predict.py does). The
-    rows [prompt; prefix_i] are left-padded and prefilled each on its own: exact for any mix of prefix
-    lengths, where one shared prompt cache (generate_shared) would need padding in the middle of a row,
-    which shifts Qwen2.5-VL's positions. It costs k prompt prefills instead of one."""
-    from transformers.modeling_outputs import BaseModelOutputWithPooling
-    k, dev = len(prefixes), prompt["input_ids"].device
-    feats = model.get_video_features(prompt["pixel_values_videos"], prompt["video_grid_thw"]).pooler_output
-    width = prompt["input_ids"].shape[1] + max(len(p) for p in prefixes)
-    ids = torch.full((k, width), pad_id, dtype=torch.long, device=dev)  # (k, Lp + longest prefix)
-    attention, types = torch.zeros_like(ids), torch.zeros_like(ids)
+def generate_from_prefixes(model, batch, G: int, prefixes: list[list[int]], gen_kwargs: dict, pad_id: int,
+                           max_len: int, shared_decode: bool = True) -> torch.Tensor:
+    """G answers to each prompt of a left-padded batch, answer i continuing from its own prefix of token
+    ids (P * G lists, grouped by prompt: TaRO's guided rollouts; [] for a free one) -> (P * G, max_len)
+    ids: prefix + sampled tokens, cut at `max_len` tokens in all (so a long prefix never pushes the
+    answer past the response limit, a flaw of TaRO's released code), right-padded with pad_id.
+    The video is encoded and the prompt prefilled once per prompt, as for free rollouts
+    (generate_shared with `prefixes`)."""
+    new = generate_shared(model, batch, G, gen_kwargs, shared_decode, prefixes, pad_id)
+    out = torch.full((len(prefixes), max_len), pad_id, dtype=torch.long, device=new.device)
     for i, p in enumerate(prefixes):
-        row = torch.cat([prompt["input_ids"][0], torch.tensor(p, dtype=torch.long, device=dev)])
-        ids[i, width - len(row):] = row
-        attention[i, width - len(row):] = 1
-        types[i, width - len(row):width - len(p)] = prompt["mm_token_type_ids"][0]
-    seqs = model.generate(input_ids=ids, attention_mask=attention, mm_token_type_ids=types,
-                          video_grid_thw=prompt["video_grid_thw"].repeat(k, 1),
-                          second_per_grid_ts=prompt["second_per_grid_ts"].repeat(k),
-                          mm_encoder_outputs={"video": BaseModelOutputWithPooling(pooler_output=tuple(feats) * k)},
-                          **gen_kwargs)
-    out = torch.full((k, max_len), pad_id, dtype=torch.long, device=dev)
-    for i, p in enumerate(prefixes):
-        row = torch.cat([torch.tensor(p, dtype=torch.long, device=dev), seqs[i, width:]])[:max_len]
+        row = torch.cat([torch.tensor(p, dtype=torch.long, device=new.device), new[i]])[:max_len]
         out[i, :len(row)] = row
     return out
 

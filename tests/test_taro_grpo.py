@@ -5,6 +5,7 @@ import json
 import statistics
 from collections import defaultdict
 
+import pytest
 import torch
 
 import data
@@ -18,27 +19,46 @@ VIDEO = ["--nframes", str(NFRAMES), "--max-pixels", str(MAX_PIXELS), "--min-pixe
 PREFIX = "<think>\nI need to find the specific moment "
 
 
-def test_rows_continue_their_own_prefix_exactly(tiny_model_dir, synth_dir):
-    """Rows of different prefix lengths in one generate call, left-padded, give (greedy) the same
-    continuation as each row alone: the padding moves no position. Each row starts with its prefix and
-    is cut at max_len tokens in all."""
-    m, proc = M.load_model(tiny_model_dir), M.load_processor(tiny_model_dir)
-    s = data.read_jsonl(synth_dir / "train.jsonl")[0]
+@pytest.mark.parametrize("shared_decode", [True, False])
+def test_rows_continue_their_own_prefix_exactly(tiny_model_dir, synth_dir, shared_decode):
+    """Guided and free rows of two prompts of different lengths in one generate call, the prompts
+    prefilled once (left-padded batch, each row [prompt; pad; prefix]) give (greedy) the same
+    continuation as plain `generate` on that row alone, unpadded: the padding moves no position. Each
+    row starts with its prefix and is cut at max_len tokens in all. With the prompt's cache held once
+    (grpo.py's attention) and repeated per row."""
+    plain, proc = M.load_model(tiny_model_dir), M.load_processor(tiny_model_dir)
+    m = M.load_model(tiny_model_dir)
+    if shared_decode:
+        M.use_prefix_attention(m)
+    all_samples = data.read_jsonl(synth_dir / "train.jsonl")
+    ss = [all_samples[0], next(x for x in all_samples if len(x.query) != len(all_samples[0].query))]
     vkw = dict(nframes=NFRAMES, max_pixels=MAX_PIXELS, min_pixels=MIN_PIXELS)
-    prompt = M.prompt_inputs(data.build_inputs(proc, [s], [data.load_video(s, **vkw)], **vkw), 0)
+    videos = [data.load_video(s, **vkw) for s in ss]
+    batch = data.build_inputs(proc, ss, videos, **vkw)
+    assert len(set(batch["attention_mask"].sum(1).tolist())) == 2  # one prompt is left-padded
     tok = proc.tokenizer
-    gen = dict(grpo.sampling_kwargs(m, tok, 1.0, 12), do_sample=False, temperature=None, top_k=None, top_p=None,
-               min_new_tokens=12)
-    prefixes = [[], tok.encode("<think>\nI", add_special_tokens=False),
-                tok.encode(data.guided_prefix(s.query, s.captions, torch.Generator().manual_seed(0)),
-                           add_special_tokens=False)]
-    together = M.generate_from_prefixes(m, prompt, prefixes, gen, tok.pad_token_id, max_len=400)
-    for i, p in enumerate(prefixes):
-        alone = M.generate_from_prefixes(m, prompt, [p], gen, tok.pad_token_id, max_len=400)
-        assert torch.equal(together[i, :len(p) + 12], alone[0, :len(p) + 12]), i
-        assert together[i, :len(p)].tolist() == p
-    cut = M.generate_from_prefixes(m, prompt, prefixes, gen, tok.pad_token_id, max_len=len(prefixes[2]) + 3)
-    assert cut.shape[1] == len(prefixes[2]) + 3 and torch.equal(cut[2], together[2, :cut.shape[1]])
+    n = 12
+    gen = dict(grpo.sampling_kwargs(m, tok, 1.0, n), do_sample=False, temperature=None, top_k=None, top_p=None,
+               min_new_tokens=n)
+    guided = [tok.encode(data.guided_prefix(s.query, s.captions, torch.Generator().manual_seed(i)),
+                         add_special_tokens=False) for i, s in enumerate(ss)]
+    short = tok.encode("<think>\nI", add_special_tokens=False)
+    prefixes = [[], short, guided[0], guided[1], [], short]  # G = 3 rows per prompt
+    together = M.generate_from_prefixes(m, batch, 3, prefixes, gen, tok.pad_token_id, max_len=400,
+                                        shared_decode=shared_decode)
+    for r, p in enumerate(prefixes):
+        one = data.build_inputs(proc, [ss[r // 3]], [videos[r // 3]], **vkw)
+        pre = torch.tensor([p], dtype=torch.long)
+        seqs = plain.generate(input_ids=torch.cat([one["input_ids"], pre], 1),
+                              attention_mask=torch.ones(1, one["input_ids"].shape[1] + len(p), dtype=torch.long),
+                              mm_token_type_ids=torch.cat([one["mm_token_type_ids"], torch.zeros_like(pre)], 1),
+                              pixel_values_videos=one["pixel_values_videos"], video_grid_thw=one["video_grid_thw"],
+                              second_per_grid_ts=one["second_per_grid_ts"], **gen)
+        assert together[r, :len(p)].tolist() == p
+        assert together[r, len(p):len(p) + n].tolist() == seqs[0, -n:].tolist(), r
+    cut = M.generate_from_prefixes(m, batch, 3, prefixes, gen, tok.pad_token_id, max_len=len(guided[0]) + 3,
+                                   shared_decode=shared_decode)
+    assert cut.shape[1] == len(guided[0]) + 3 and torch.equal(cut[2], together[2, :cut.shape[1]])
 
 
 def _groups(path):
