@@ -3,6 +3,7 @@ eval.py's answers per query and grouped by video.
 
     python bench.py      # 8.4M-parameter Qwen2.5-VL, 512 video tokens, G = 8 x 64 new tokens: ~2 minutes on 1 core
     python bench.py --threads 0 --repeats 5                  # torch's default threads, best of 5
+    python bench.py --profile                                # + ours' time in kernels vs the rest
 
 Naive (what several peer recipes do): the prompt is copied G times, so the video's pixels are repeated
 G times; `generate` runs the vision encoder and the prompt prefill for every copy, and the training
@@ -136,6 +137,8 @@ def main() -> None:
     ap.add_argument("--queries-per-video", type=int, default=5, help="queries about each of them (at most 5 colours)")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch's default). 1 by default: "
                     "on a shared 2-core machine oversubscribed OpenMP threads make timings swing 10x")
+    ap.add_argument("--profile", action="store_true", help="also profile one of ours' steps: its time in matmul, "
+                    "attention and convolution kernels against the rest (Python, generate's loop, small ops)")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -166,7 +169,7 @@ def main() -> None:
             policy.zero_grad(set_to_none=True)
             torch.manual_seed(a.seed)
             t0, c0 = time.time(), time.process_time()
-            with torch.no_grad():
+            with torch.no_grad(), torch.profiler.record_function("rollout"):  # a range for --profile
                 if mode == "naive":
                     batch, new = naive_rollout(policy, processor, sample, video, G, gen, vkw)
                 else:
@@ -225,6 +228,22 @@ def main() -> None:
         r = min(t for t, _ in repeated)
         print(f"rollout speedup: {r / o[0]:.2f}x  (ours' rollout, the prompt's KV cache repeated G times {r:.2f} s "
               f"vs held once {o[0]:.2f} s; same samples: {all(same for _, same in repeated)})")
+        if a.profile:  # how much of ours is kernels, i.e. what any change to the rest could still give
+            from torch.profiler import profile
+            kernels = ("aten::mm", "aten::addmm", "aten::bmm", "aten::mkldnn_convolution", "aten::convolution_backward",
+                       "aten::_scaled_dot_product_flash_attention_for_cpu",
+                       "aten::_scaled_dot_product_flash_attention_for_cpu_backward")
+            with profile() as prof:
+                roll, upd, *_ = step("packed", ids=runs["naive"][-1][3])
+            events = prof.events()
+            inside = next(e.time_range for e in events if e.name == "rollout")
+            k = {True: 0.0, False: 0.0}  # kernel seconds in the rollout, in the update
+            for e in events:
+                if e.name in kernels:
+                    k[inside.start <= e.time_range.start <= inside.end] += e.self_cpu_time_total / 1e6
+            print(f"profile of ours: {roll:.2f} s rollout + {upd:.2f} s update under the profiler, of which "
+                  f"{k[True]:.2f} s + {k[False]:.2f} s in matmul, attention and convolution kernels; step speedup "
+                  f"if nothing else took time: {(n[0] + n[1]) / (k[True] + k[False]):.2f}x")
 
         # --- TaRO (grpo.py --taro) at its costliest, the first step: every rollout guided (the prompt
         #     prefilled once, each row continuing from its prefix), plus the bonus's two no-grad forwards.

@@ -144,8 +144,9 @@ tiny() {
     }
     # Seeds run side by side on JOBS workers (seed s on worker s % JOBS), the cores split between them.
     # Measured on 2 cores, two single-thread runs against one after the other on both cores: GRPO
-    # 1.1x (2.5-2.7 s/step each, ~1.45 alone), SFT 1.0x after its first epoch (0.8-0.9 s/step each,
-    # ~0.42 alone: memory-bound), more while it decodes videos. Worker 0 prints here, the others write
+    # 1.8x (2.1-2.2 s/step each, 1.94 alone; 1.1x before the rollout held the prompt's cache once),
+    # SFT 1.0x after its first epoch (0.8-0.9 s/step each, ~0.42 alone: memory-bound), more while it
+    # decodes videos. Worker 0 prints here, the others write
     # $RUN/worker<j>.log. Every stage is resumable, so a re-run after a failure continues.
     local JOBS=${JOBS:-$([ "$SEEDS" -gt 1 ] && ! has_gpu && echo 2 || echo 1)} j pids=() failed=0
     [ "$JOBS" -le "$SEEDS" ] || JOBS=$SEEDS
