@@ -53,9 +53,9 @@ for all of them with TaRO's released constants, or each with its own flags:
   with their times (data.guided_prefix; no ground truth); the prefix counts as completion in the loss.
   Guided rollouts are off-policy: after the group's normalisation A = max(A, 0), and their loss is
   -A * log pi with no ratio and no clip (TaRO's released "mask" mode). A guided row continues the
-  prompt's one prefill with its prefix (model.generate_from_prefixes: guided and free rows of all
-  prompts in one generate call, the video encoded and the prompt prefilled once per prompt), and an
-  answer is cut at --max-new-tokens counting its prefix.
+  prompt's one prefill with its prefix (model.generate_from_prefixes: guided and free rows of a
+  rollout chunk in one generate call, the video encoded and the prompt prefilled once per prompt),
+  and an answer is cut at --max-new-tokens counting its prefix.
 * Temporal-sensitivity reward (--tsr-alpha, --tsr-radius, --tsr-iou-min, --tsr-margin). For each
   rollout, d_i = the token mean over its completion of log pi(y|V) - log pi(y|V'), V' the video with
   the frames within r s of the GT start shuffled among themselves and likewise around the end; bonus
