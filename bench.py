@@ -96,19 +96,20 @@ def gen_kwargs_for(model, processor, new_tokens: int, temperature: float = 1.0) 
     return dict(kw, min_new_tokens=new_tokens)
 
 
-def taro_step(policy, processor, sample, video, batch1, G: int, gen: dict, adv, vkw: dict) -> float:
+def taro_step(policy, processor, sample, video, G: int, gen: dict, adv, vkw: dict) -> float:
     """Seconds of one TaRO step as grpo.py --taro runs it at step 1 (p = 1): G guided rollouts, the
     temporal drops (V and the shuffled V'), the update with the guided rows' loss."""
     tok = processor.tokenizer
     policy.zero_grad(set_to_none=True)
     torch.manual_seed(0)
     t0 = time.time()
-    prompt = grpo.prompt_inputs(batch1, 0)
+    batch = data.build_inputs(processor, [sample], [video], **vkw)  # once, as grpo.py: rollout and update
+    prompt = grpo.prompt_inputs(batch, 0)
     draw = torch.Generator().manual_seed(0)
     prefixes = [tok.encode(data.guided_prefix(sample.query, sample.captions, draw), add_special_tokens=False)
                 for _ in range(G)]
-    ids = M.generate_from_prefixes(policy, data.build_inputs(processor, [sample], [video], **vkw), G, prefixes, gen,
-                                   tok.pad_token_id, max_len=max(map(len, prefixes)) + gen["max_new_tokens"])
+    ids = M.generate_from_prefixes(policy, batch, G, prefixes, gen, tok.pad_token_id,
+                                   max_len=max(map(len, prefixes)) + gen["max_new_tokens"])
     mask = grpo.completion_mask(ids, grpo.stop_ids(policy, tok), tok.pad_token_id)
     logprobs = functools.partial(grpo.sequence_logprobs, temperature=1.0, packed=True)
     args = argparse.Namespace(tsr_radius=3.0)
@@ -247,7 +248,7 @@ def main() -> None:
 
         # --- TaRO (grpo.py --taro) at its costliest, the first step: every rollout guided (the prompt
         #     prefilled once, each row continuing from its prefix), plus the bonus's two no-grad forwards.
-        taro = [taro_step(policy, processor, sample, video, batch1, G, gen, adv, vkw) for _ in range(a.repeats)]
+        taro = [taro_step(policy, processor, sample, video, G, gen, adv, vkw) for _ in range(a.repeats)]
         t = min(taro)
         print(f"taro step: {t / (o[0] + o[1]):.2f}x ours  (all {G} rollouts guided + the temporal-sensitivity "
               f"forwards {t:.2f} s vs a plain GRPO step {o[0] + o[1]:.2f} s; answers carry their caption prefix)")

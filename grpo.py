@@ -72,7 +72,8 @@ What is shared across the G samples of a prompt (STACK.md, measured; `bench.py` 
 is decoded and run through the vision encoder ONCE per prompt, the prompt is prefilled once and its KV
 cache held once while the G answers are sampled (their attention reads the prompt's keys once per
 prompt: model.shared_prefix_attention; only their own tokens are cached per answer), and the training
-forward runs the prompt (video included) ONCE per group, forward and backward, in one packed row (--update packed, the default; model.py builds it):
+forward runs the prompt (video included) ONCE per group, forward and backward, in one packed row
+(--update packed, the default; model.py builds it):
 
     input_ids   [ prompt (Lp) | c_1 (n_1) | c_2 (n_2) | ... | c_G (n_G) ]    (1, T), T = Lp + sum n_i
     positions   prompt: its own 3-D ids (3, Lp); c_i: prompt's last + 1 + (0 .. n_i - 1), as in [prompt; c_i]
