@@ -309,6 +309,23 @@ def load_video(sample: Sample, nframes: int = NFRAMES, max_pixels: int = MAX_PIX
     return frames, meta
 
 
+def load_video_cached(sample: Sample, cache: dict | None, nframes: int = NFRAMES, max_pixels: int = MAX_PIXELS,
+                      min_pixels: int = MIN_PIXELS) -> tuple:
+    """`load_video`, decoded once per video when `cache` is a dict (video path -> frames, metadata; the
+    training scripts' --cache-videos). Frames are integer-valued floats (qwen-vl-utils resizes uint8),
+    so the uint8 copy kept is exact and 4x smaller."""
+    import torch
+
+    if cache is not None and sample.video in cache:
+        frames, meta = cache[sample.video]
+        return frames.float(), meta
+    frames, meta = load_video(sample, nframes, max_pixels, min_pixels)
+    if cache is not None:
+        small = frames.to(torch.uint8)
+        cache[sample.video] = (small if torch.equal(small.float(), frames) else frames, meta)
+    return frames, meta
+
+
 def chat_text(processor, sample: Sample, nframes: int = NFRAMES, max_pixels: int = MAX_PIXELS,
               min_pixels: int = MIN_PIXELS, answer: str | None = None) -> str:
     """The chat template's text for one Sample, the video a single placeholder: a generation prompt, or
@@ -354,6 +371,31 @@ def prompt_ids(processor, samples: list[Sample], n_video_tokens: int, nframes: i
         text = text.replace(processor.video_token, processor.video_token * n_video_tokens)
         out.append(torch.tensor(tok(text)["input_ids"], dtype=torch.long))
     return out
+
+
+def build_text_inputs(processor, samples: list[Sample], grids: list, seconds: list[float],
+                      answers: list[str] | None = None, nframes: int = NFRAMES, max_pixels: int = MAX_PIXELS,
+                      min_pixels: int = MIN_PIXELS, padding_side: str = "left"):
+    """`build_inputs` without the video's pixels, for videos that went through the processor before:
+    each sample's video grid (t, h, w) and seconds per temporal patch (the processor's video_grid_thw
+    and second_per_grid_ts rows) replace its frames. The same batch as build_inputs but
+    pixel_values_videos (tests/test_sft.py checks it), at a third of its cost; the model then takes
+    the video's encoder output instead of pixels (sft.py's cache of the frozen vision tower)."""
+    import torch
+    from transformers import BatchFeature
+
+    tok, merge = processor.tokenizer, processor.video_processor.merge_size
+    texts = []
+    for i, s in enumerate(samples):
+        text = chat_text(processor, s, nframes, max_pixels, min_pixels, None if answers is None else answers[i])
+        t, h, w = (int(x) for x in grids[i])
+        texts.append(text.replace(processor.video_token, processor.video_token * (t * h * w // merge ** 2)))
+    tok.padding_side = padding_side
+    enc = tok(texts, padding=True, return_tensors="pt")
+    return BatchFeature(dict(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
+                             mm_token_type_ids=torch.tensor(processor.create_mm_token_type_ids(enc["input_ids"].tolist())),
+                             video_grid_thw=torch.tensor([[int(x) for x in g] for g in grids]),
+                             second_per_grid_ts=torch.tensor(seconds, dtype=torch.float32)))
 
 
 # -----------------------------------------------------------------------------

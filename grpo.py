@@ -305,6 +305,9 @@ def parse_args(argv=None):
     p.add_argument("--nframes", type=int, default=data.NFRAMES, help="frames sampled per video")
     p.add_argument("--max-pixels", type=int, default=data.MAX_PIXELS, help="max pixels per frame")
     p.add_argument("--min-pixels", type=int, default=data.MIN_PIXELS, help="min pixels per frame")
+    p.add_argument("--cache-videos", action=argparse.BooleanOptionalAction, default=True,
+                   help="keep each decoded video in RAM across steps (uint8: nframes*H*W*3 bytes a video, ~19 MB "
+                        "at the paper's setting, per rank; the paper preset turns it off)")
     # distributed and memory
     p.add_argument("--zero-stage", type=int, default=0, choices=[0, 1, 2, 3], help="DeepSpeed ZeRO stage")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None, help="bf16 (default: on a GPU)")
@@ -630,12 +633,14 @@ def step_prompts(samples: list, step: int, args, rank: int, world: int) -> list:
     return [samples[_epoch_order(n, args.seed, k // n)[k % n]] for k in range(first, first + per)]
 
 
-def load_prompts(samples: list, position: dict, step: int, args, rank: int, world: int, bad: dict) -> tuple:
+def load_prompts(samples: list, position: dict, step: int, args, rank: int, world: int, bad: dict,
+                 cache: dict | None = None) -> tuple:
     """(prompts, their decoded videos, how many were replaced) of this rank for `step`. A video that does not decode is
     recorded in `bad` (id -> reason); with --skip-bad its prompt is replaced by the next sample of the
     file whose video decodes (deterministic: a resumed run replays the same replacement). Every rank so
     keeps its number of prompts, and no collective waits for a rank that failed; without --skip-bad
-    main() stops every rank at once. `position`: sample id -> index in `samples`."""
+    main() stops every rank at once. `position`: sample id -> index in `samples`; `cache`: decoded videos
+    kept across steps (--cache-videos, data.load_video_cached)."""
     vkw = dict(nframes=args.nframes, max_pixels=args.max_pixels, min_pixels=args.min_pixels)
     prompts, videos, replaced = [], [], 0
     for s in step_prompts(samples, step, args, rank, world):
@@ -644,7 +649,7 @@ def load_prompts(samples: list, position: dict, step: int, args, rank: int, worl
             if cand.id in bad:
                 continue
             try:
-                videos.append(data.load_video(cand, **vkw))
+                videos.append(data.load_video_cached(cand, cache, **vkw))
                 prompts.append(cand)
                 replaced += cand is not s
                 break
@@ -815,13 +820,14 @@ def main(argv=None) -> None:
     bar = tqdm(total=args.steps, initial=start, desc="GRPO", unit="step", disable=rank != 0)
     times = []
     position, bad = {s.id: k for k, s in enumerate(samples)}, {}
+    cache = {} if args.cache_videos else None  # each epoch revisits every prompt's video
     # --track-weights: how far the trained weights have moved from --model (a copy of them is kept)
     trained = [q for q in engine.module.parameters() if q.requires_grad]
     start_weights = [q.detach().clone() for q in trained] if args.track_weights else None
     for step in range(start + 1, args.steps + 1):
         t = time.time()
         n_bad = len(bad)
-        prompts, videos, replaced = load_prompts(samples, position, step, args, rank, world, bad)
+        prompts, videos, replaced = load_prompts(samples, position, step, args, rank, world, bad, cache)
         for i in list(bad)[n_bad:]:
             tqdm.write(f"[rank {rank}] step {step}: sample {i}: {bad[i]}" + (" (skipped: --skip-bad)" if args.skip_bad else ""))
         # Every rank learns of a bad video before the step's first collective: one rank stopping alone

@@ -134,8 +134,8 @@ tiny() {
             grpo_stage "$S/grpo_rl_unfiltered" "$S/sft/model" "$ANN/rl_unfiltered.jsonl"  # the IoU < 0.4 kept
             # R1-Zero: GRPO from the base model. A random-init base earns no reward (no answer parses), so
             # every group's advantage is 0 and nothing moves: a few steps show it (ZERO_STEPS).
-            grpo_stage "$S/zero" "$RUN/base_model" "$ANN/rl.jsonl" "${ZERO_STEPS:-20}"
-            grpo_stage "$S/zero_unfiltered" "$RUN/base_model" "$ANN/rl_unfiltered.jsonl" "${ZERO_STEPS:-20}"
+            grpo_stage "$S/zero" "$RUN/base_model" "$ANN/rl.jsonl" "${ZERO_STEPS:-10}"
+            grpo_stage "$S/zero_unfiltered" "$RUN/base_model" "$ANN/rl_unfiltered.jsonl" "${ZERO_STEPS:-10}"
             local name
             for name in grpo_r1u grpo_rl_unfiltered zero zero_unfiltered; do
                 eval_stage "$S/eval/$name" "$S/$name/model"
@@ -289,7 +289,7 @@ paper() {
         $VIDEO --skip-bad --resume ${SFT_ARGS:-}" | tr -s ' '; }
     grpo_cmd() { echo "grpo.py --model $2 --data $3 --out $1 --group-size $GROUP \
         --prompts-per-step $PROMPTS --steps $STEPS --lr $GRPO_LR --beta 0 --max-new-tokens $NEW --temperature 1.0 \
-        --zero-stage 3 --grad-ckpt --gather-for-rollout $PRECISION $VIDEO --save-every $SAVE_EVERY --skip-bad --resume \
+        --zero-stage 3 --grad-ckpt --gather-for-rollout $PRECISION --no-cache-videos $VIDEO --save-every $SAVE_EVERY --skip-bad --resume \
         ${GRPO_ARGS:-}" | tr -s ' '; }
     local SFT GRPO ABLATIONS=${ABLATIONS:-0}
     SFT=$(sft_cmd "$RUN/sft" "$RUN/data/coldstart.jsonl")

@@ -43,6 +43,9 @@ trainer_state.json with the data position, written last: a checkpoint without it
 never resumed from), `metrics.jsonl` (one line per step), `config.json` (resolved flags + DeepSpeed
 config), `loss.png`. `--resume` continues from the latest complete checkpoint (and exits at once if
 the run has finished); killed and resumed, a run ends with the weights of an uninterrupted one.
+With `--freeze-vision` (and `--cache-videos`) the frozen vision tower's output for each video is kept
+after its first encode: a micro-batch whose videos are all kept skips decoding them, the processor's
+pixel work and the tower (the model takes the kept output through transformers' `mm_encoder_outputs`).
 A step whose loss or gradient is NaN or inf on any rank is skipped by every rank (no update; logged as
 `bad_step`, counted in `bad_steps`); `--max-bad-steps` in a row stop the run. A checkpoint that cannot be
 written (a full disk) stops it with the checkpoint named; the last complete one is kept for --resume.
@@ -68,8 +71,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data import MAX_PIXELS, MIN_PIXELS, NFRAMES, DataError, Sample, build_inputs, file_lines, format_answer, \
-    json_line, load_video, sample_from_dict
+from data import MAX_PIXELS, MIN_PIXELS, NFRAMES, DataError, Sample, build_inputs, build_text_inputs, file_lines, \
+    format_answer, json_line, load_video_cached, sample_from_dict
 from model import (CheckpointError, check_shared_dir, dist_env, ds_config, freeze_vision, init_distributed,
                    keep_steps_upto, latest_checkpoint, load_checkpoint, load_for_training, load_processor,
                    optimizer_step, print0, save_checkpoint, save_hf)
@@ -109,7 +112,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--min-pixels", type=int, default=MIN_PIXELS, help="min pixels per frame")
     p.add_argument("--cache-videos", action=argparse.BooleanOptionalAction, default=True,
                    help="keep each decoded video in RAM (uint8: nframes*H*W*3 bytes, ~19 MB at the paper's "
-                        "setting, per rank); worth it when samples share videos or epochs repeat")
+                        "setting, per rank); worth it when samples share videos or epochs repeat. With "
+                        "--freeze-vision, keep the frozen tower's output per video instead (see VisionCache)")
     # memory, precision, distribution
     p.add_argument("--zero-stage", type=int, choices=[0, 1, 2, 3], default=0, help="DeepSpeed ZeRO stage")
     p.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing (non-reentrant)")
@@ -181,17 +185,50 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     return np.random.default_rng([seed, epoch]).permutation(n).tolist()
 
 
-def get_video(ex: Example, cache: dict | None, args) -> tuple:
-    """(frames, metadata) of one example's video, decoded once when caching. Frames are integer-valued
-    floats (qwen-vl-utils resizes uint8), so the uint8 copy in the cache is exact and 4x smaller."""
-    if cache is not None and ex.sample.video in cache:
-        frames, meta = cache[ex.sample.video]
-        return frames.float(), meta
-    frames, meta = load_video(ex.sample, args.nframes, args.max_pixels, args.min_pixels)
-    if cache is not None:
-        small = frames.to(torch.uint8)
-        cache[ex.sample.video] = (small if torch.equal(small.float(), frames) else frames, meta)
-    return frames, meta
+class VisionCache:
+    """--freeze-vision: the vision tower never changes, so its output for a video is the same every epoch.
+    It is kept per video (the merged tokens (n, hidden), the grid row, the seconds per temporal patch:
+    16 KB a video in the tiny preset) from the forward that first encoded it (a hook on the tower, so
+    nothing runs twice), and a micro-batch whose videos are all kept is built by `inputs` without
+    pixels: no decoding, no processor pixel work, no tower. Kept outputs come from another batch than
+    the one they are reused in, so they could differ from a fresh encode by float rounding (the batched
+    matmuls' sums), not more: tests/test_sft.py compares training with and without the cache."""
+
+    def __init__(self, model, processor):
+        self.kept: dict = {}  # video path -> (tokens, grid (t, h, w), seconds per temporal patch)
+        self.merge = processor.video_processor.merge_size ** 2  # patches per merged token
+        self.captured: list = []
+        self.hits = self.misses = 0
+        model.model.visual.register_forward_hook(lambda mod, inp, out: self.captured.append(out.pooler_output.detach()))
+
+    def agree(self, exs: list, device) -> bool:
+        """True when every video of the micro-batch is kept on every rank: under ZeRO-3 the tower's
+        weights are gathered by all ranks together, so they all run it or none does."""
+        hit = all(e.sample.video in self.kept for e in exs)
+        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            flag = torch.tensor([float(hit)], device=device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+            hit = bool(flag.item())
+        self.hits, self.misses = self.hits + hit, self.misses + (not hit)
+        return hit
+
+    def inputs(self, exs: list, processor, vkw: dict):
+        """The micro-batch's inputs (right-padded, with answers) from the kept outputs."""
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+        kept = [self.kept[e.sample.video] for e in exs]
+        inputs = build_text_inputs(processor, [e.sample for e in exs], [g for _, g, _ in kept], [s for _, _, s in kept],
+                                   answers=[e.target for e in exs], padding_side="right", **vkw)
+        inputs["mm_encoder_outputs"] = {"video": BaseModelOutputWithPooling(pooler_output=tuple(t for t, _, _ in kept))}
+        return inputs
+
+    def keep(self, exs: list, inputs) -> None:
+        """After a forward: keep what the tower output for each video of the micro-batch, if it ran."""
+        if self.captured:
+            sizes = (inputs["video_grid_thw"].prod(-1) // self.merge).tolist()
+            for e, t, g, s in zip(exs, self.captured[-1].split(sizes), inputs["video_grid_thw"].tolist(),
+                                  inputs["second_per_grid_ts"].tolist()):
+                self.kept[e.sample.video] = (t, g, s)
+        self.captured.clear()
 
 
 # -----------------------------------------------------------------------------
@@ -371,18 +408,22 @@ def main(argv=None) -> None:
                     config=dict(args=vars(args), deepspeed=cfg))
 
     cache = {} if args.cache_videos else None
+    encoded = VisionCache(engine.module, processor) if args.freeze_vision and args.cache_videos else None
     bad_ids: set[str] = set()
     per_rank = args.micro_batch * grad_accum
 
-    def load_at(order: list[int], pos: int) -> tuple[Example, tuple]:
-        """The example at `pos` of the epoch's order and its video; with --skip-bad, an unreadable video
-        is replaced by the next readable example of the order (deterministic, so resume replays it)."""
+    def load_at(order: list[int], pos: int, decode: bool = True) -> tuple[Example, tuple | None]:
+        """The example at `pos` of the epoch's order and its video (None without `decode`); with
+        --skip-bad, an unreadable video is replaced by the next readable example of the order
+        (deterministic, so resume replays it)."""
         for j in range(pos, pos + n):
             ex = examples[order[j % n]]
             if ex.sample.id in bad_ids:
                 continue
+            if not decode:
+                return ex, None
             try:
-                return ex, get_video(ex, cache, args)
+                return ex, load_video_cached(ex.sample, cache, args.nframes, args.max_pixels, args.min_pixels)
             except DataError as e:
                 if not args.skip_bad:
                     raise DataError(f"{ex.where}: {e}\n(pass --skip-bad to skip bad samples)") from None
@@ -407,14 +448,19 @@ def main(argv=None) -> None:
         loss_finite = True
         for k in range(grad_accum):
             first = offset + k * args.micro_batch
-            exs, videos = zip(*[load_at(order, first + i) for i in range(args.micro_batch)])
-            inputs = build_inputs(processor, [e.sample for e in exs], videos=list(videos),
-                                  answers=[e.target for e in exs], nframes=args.nframes, max_pixels=args.max_pixels,
-                                  min_pixels=args.min_pixels, padding_side="right")
+            vkw = dict(nframes=args.nframes, max_pixels=args.max_pixels, min_pixels=args.min_pixels)
+            exs = [load_at(order, first + i, decode=False)[0] for i in range(args.micro_batch)]
+            if encoded is not None and encoded.agree(exs, device):  # every video's tower output is kept
+                inputs = encoded.inputs(exs, processor, vkw).to(device)
+            else:
+                exs, videos = zip(*[load_at(order, first + i) for i in range(args.micro_batch)])
+                inputs = build_inputs(processor, [e.sample for e in exs], videos=list(videos),
+                                      answers=[e.target for e in exs], padding_side="right", **vkw).to(device)
+                inputs["pixel_values_videos"] = inputs["pixel_values_videos"].to(dtype)
             labels = make_labels(inputs["input_ids"], tok).to(device)
-            inputs = inputs.to(device)
-            inputs["pixel_values_videos"] = inputs["pixel_values_videos"].to(dtype)
             loss = sft_loss(engine, inputs, labels)
+            if encoded is not None:
+                encoded.keep(exs, inputs)  # what the tower output in this forward, if it ran
             if step + 1 in args.inject_nan and rank == 0:  # tests only: a bad step on one rank
                 loss = loss * float("nan")
             loss_finite = loss_finite and math.isfinite(loss.item())
@@ -453,6 +499,9 @@ def main(argv=None) -> None:
         if step % save_every == 0 or step == total:
             save_checkpoint(engine, processor, out, step, checkpoint_state(), keep=args.keep_checkpoints)
     bar.close()
+    if encoded is not None:
+        print0(f"vision cache: {encoded.hits} of {encoded.hits + encoded.misses} micro-batches took the kept vision "
+               f"tower outputs of their {len(encoded.kept)} videos (the rest decoded and encoded theirs)")
 
     save_hf(engine, processor, os.path.join(out, "model"))
     if rank == 0:

@@ -132,3 +132,38 @@ def test_position_ids_follow_real_time(tiny_model_dir, synth_dir):
         after = int(video.nonzero().max()) + 1
         assert pos[:, 0, after].tolist() == [int(pos[:, 0, video].max()) + 1] * 3
     assert steps[1] > steps[0] * 1.5  # the longer clip's frames are further apart in time, as they should be
+
+
+def test_text_inputs_equal_the_processors_without_the_pixels(tiny_model_dir, synth_dir):
+    """build_text_inputs (sft.py's batches from kept vision outputs) against build_inputs: every tensor
+    but the pixels equal, for SFT batches (answers, right padding) and generation prompts (left),
+    with videos of different lengths in one batch."""
+    import model
+    processor = model.load_processor(tiny_model_dir)
+    vkw = dict(nframes=NFRAMES, max_pixels=MAX_PIXELS, min_pixels=MIN_PIXELS)
+    samples = data.read_jsonl(synth_dir / "train.jsonl")[::2]  # 6 samples, all 4 videos
+    videos = [data.load_video(s, **vkw) for s in samples]
+    assert len({round(s.duration, 2) for s in samples}) > 1
+    for answers, side in (([f"<think>{s.query}</think> <time>[1.00, 2.00]</time>" for s in samples], "right"),
+                          (None, "left")):
+        a = data.build_inputs(processor, samples, videos, answers=answers, padding_side=side, **vkw)
+        b = data.build_text_inputs(processor, samples, a["video_grid_thw"].tolist(), a["second_per_grid_ts"].tolist(),
+                                   answers=answers, padding_side=side, **vkw)
+        assert set(a.keys()) - set(b.keys()) == {"pixel_values_videos"}
+        for k in b:
+            assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+        assert (a["attention_mask"] == 0).any()  # the padding side was exercised
+
+
+def test_cached_video_is_the_decoded_one_and_decoded_once(synth_dir, monkeypatch):
+    """load_video_cached (sft.py and grpo.py --cache-videos): the kept uint8 copy gives back exactly the
+    decoded frames, and the second call does not decode."""
+    s = data.read_jsonl(synth_dir / "train.jsonl")[0]
+    vkw = dict(nframes=NFRAMES, max_pixels=MAX_PIXELS, min_pixels=MIN_PIXELS)
+    fresh, meta = data.load_video(s, **vkw)
+    cache = {}
+    first, _ = data.load_video_cached(s, cache, **vkw)
+    assert cache[s.video][0].dtype == torch.uint8 and torch.equal(first, fresh)
+    monkeypatch.setattr(data, "load_video", lambda *a, **k: pytest.fail("decoded again"))
+    again, meta_again = data.load_video_cached(s, cache, **vkw)
+    assert again.dtype == fresh.dtype and torch.equal(again, fresh) and meta_again == meta

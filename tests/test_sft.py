@@ -1,9 +1,11 @@
 """sft.py: the label mask token by token, the logits-only-where-labelled loss against the model's own,
 bad input, and the real script run small as a user runs it: the loss falls when overfitting, a
 2-process ZeRO-3 run equals a 1-process run, kill-and-resume equals an uninterrupted run, and the
-saved model reloads and generates."""
+saved model reloads and generates, and with --freeze-vision the kept vision outputs train as encoding
+every time (1 process and 2-process ZeRO-3)."""
 import json
 import os
+import re
 import shutil
 import signal
 import time
@@ -201,15 +203,52 @@ def test_two_process_zero3_equals_one_process(reference, tmp_path):
         assert x["step"] == y["step"] and x["loss"] == pytest.approx(y["loss"], rel=1e-5)
 
 
-def test_freeze_vision_under_zero3_trains_the_language_model_only(reference, tmp_path):
+@pytest.fixture(scope="module")
+def frozen(reference, tmp_path_factory):
+    """--freeze-vision, 1 process: with the vision tower's outputs kept per video (the default) and
+    encoded every time (--no-cache-videos). 8 steps of 4 (2 micro-batches of 2) over 12 samples of 4
+    videos: a video comes back within the first epoch and in the next two."""
     flags, _ = reference
+    flags = list(flags)
+    flags[flags.index("--batch-size") + 1] = 4
+    flags += ["--micro-batch", 2, "--freeze-vision"]
+    runs = {}
+    for name, extra in (("kept", []), ("encoded", ["--no-cache-videos"])):
+        out = tmp_path_factory.mktemp("frozen") / name
+        runs[name] = (out, run_sft(flags + ["--out", out, *extra]).stdout)
+    return flags, runs
+
+
+def test_kept_vision_outputs_train_as_encoding_every_time(frozen):
+    _, runs = frozen
+    (kept, log), (encoded, log_encoded) = runs["kept"], runs["encoded"]
+    hits = re.search(r"vision cache: (\d+) of (\d+) micro-batches", log)
+    assert hits and 0 < int(hits[1]) < int(hits[2]) == 16, log[-2000:]  # used, after the first encodes
+    assert "vision cache:" not in log_encoded
+    for x, y in zip(metrics(encoded), metrics(kept)):
+        assert x["step"] == y["step"] and x["tokens"] == y["tokens"] and x["answer_tokens"] == y["answer_tokens"]
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-6)
+    a, b = weights(encoded / "model"), weights(kept / "model")
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_freeze_vision_under_zero3_trains_the_language_model_only(frozen, tmp_path):
+    """2 ranks, ZeRO-3: the vision tower stays as loaded, and skipping it for kept outputs (all ranks
+    agree, as its gathers are collective) trains as the 1-process run does."""
+    flags, runs = frozen
     out = tmp_path / "frozen"
-    r = run_sft(flags[:-4] + ["--max-steps", 2, "--out", out, "--zero-stage", 3, "--freeze-vision"], nproc=2)
+    r = run_sft(flags + ["--out", out, "--zero-stage", 3], nproc=2)  # each rank one micro-batch of 2 a step
     assert "vision tower frozen:" in r.stdout
+    hits = re.search(r"vision cache: (\d+) of 8 micro-batches", r.stdout)  # rank 0's count: 8 steps of 1
+    assert hits and int(hits[1]) > 0, r.stdout[-2000:]
     got, init = weights(out / "model"), weights(flags[1])
     vision = [k for k in init if k.startswith("visual.")]  # the checkpoint names of model.visual
     assert vision and all(torch.equal(got[k], init[k]) for k in vision)
     assert max((got[k] - init[k]).abs().max().item() for k in init if k not in vision) > 1e-3
+    one = weights(runs["kept"][0] / "model")
+    for k in one:
+        torch.testing.assert_close(got[k], one[k], rtol=1e-4, atol=1e-5, msg=k)
 
 
 def test_kill_and_resume_equals_uninterrupted(reference, tmp_path):
