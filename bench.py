@@ -42,6 +42,9 @@ grouped and batched (a video's queries in one generate call, the prompt they sha
 eval.py --batch-size Q; not bit-identical, the agreement is printed):
     eval speedup: per query / grouped and batched
     eval speedup, bit-identical: per query / grouped
+Last, sft.py's cold-start step at the tiny preset's shapes with --freeze-vision (sft_part):
+    sft step speedup: the decoded frames kept, the processor's pixel work and the frozen tower each step /
+                      the tower's outputs kept (sft.VisionCache)
 """
 from __future__ import annotations
 
@@ -123,6 +126,56 @@ def taro_step(policy, processor, sample, video, G: int, gen: dict, adv, vkw: dic
     return time.time() - t0
 
 
+def sft_part(tmp: str, batch: int, repeats: int) -> None:
+    """sft.py's step with --freeze-vision at the tiny preset's shapes (run.sh: a 0.8M model, 16 frames of
+    56x56, a batch of 32 answers written by annotate.py's caption teacher, each from another video),
+    three ways: every video decoded each step (--no-cache-videos), the decoded frames kept (sft.py
+    before the vision cache: the processor's pixel work and the frozen tower each step), the tower's
+    outputs kept (sft.VisionCache: neither). Each is the inputs and the loss forward + backward; the
+    optimizer step is the same in all three."""
+    import annotate
+    import sft
+    M.build_tiny(os.path.join(tmp, "tiny"), hidden=128, layers=2, heads=4, vision_hidden=64, vision_depth=2)
+    data.synth(os.path.join(tmp, "sft"), n_train=batch, n_test=0, seed=2)
+    samples = data.read_jsonl(os.path.join(tmp, "sft", "train.jsonl"))[::3]  # one query per video
+    exs = [sft.Example(s, f"bench:{i}", annotate.caption_answer(s, 0.0, 0))
+           for i, s in enumerate(samples)]
+    model, processor = M.load_model(os.path.join(tmp, "tiny")), M.load_processor(os.path.join(tmp, "tiny"))
+    M.freeze_vision(model)
+    vkw = dict(nframes=16, max_pixels=56 * 56, min_pixels=56 * 56)
+    frames, kept = {}, sft.VisionCache(model, processor)
+
+    def step(mode: str) -> tuple[float, float]:
+        model.zero_grad(set_to_none=True)
+        t0 = time.time()
+        if mode == "kept outputs":
+            inputs = kept.inputs(exs, processor, vkw)
+        else:
+            videos = [data.load_video_cached(e.sample, frames if mode == "kept frames" else None, **vkw) for e in exs]
+            inputs = data.build_inputs(processor, [e.sample for e in exs], videos, answers=[e.target for e in exs],
+                                       padding_side="right", **vkw)
+        loss = sft.sft_loss(model, inputs, sft.make_labels(inputs["input_ids"], processor.tokenizer))
+        loss.backward()
+        kept.keep(exs, inputs)
+        return time.time() - t0, loss.item()
+
+    step("kept frames")  # warm-up; fills both caches
+    times = {m: [] for m in ("decoded", "kept frames", "kept outputs")}
+    losses = {}
+    for _ in range(repeats):
+        for m in times:
+            t, losses[m] = step(m)
+            times[m].append(t)
+    best = {m: min(ts) for m, ts in times.items()}
+    print(f"sft step, {len(exs)} answers about {len(exs)} videos (tiny preset, --freeze-vision): videos decoded each "
+          f"step {best['decoded']:.3f} s, frames kept {best['kept frames']:.3f} s, the frozen tower's outputs kept "
+          f"{best['kept outputs']:.3f} s; losses {losses['decoded']:.6f} / {losses['kept frames']:.6f} / "
+          f"{losses['kept outputs']:.6f}")
+    print(f"sft step speedup: {best['kept frames'] / best['kept outputs']:.2f}x  (frames kept, encoded each step vs "
+          f"the tower's outputs kept: sft.VisionCache; {best['decoded'] / best['kept outputs']:.2f}x against decoding "
+          f"each step)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description="Time one GRPO step: naive, ours with the plain update, ours (grpo.py).")
     ap.add_argument("--hidden", type=int, default=384, help="language model width")
@@ -138,6 +191,7 @@ def main() -> None:
     ap.add_argument("--queries-per-video", type=int, default=5, help="queries about each of them (at most 5 colours)")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch's default). 1 by default: "
                     "on a shared 2-core machine oversubscribed OpenMP threads make timings swing 10x")
+    ap.add_argument("--sft-batch", type=int, default=32, help="answers per SFT step in the sft part (tiny preset: 32)")
     ap.add_argument("--profile", action="store_true", help="also profile one of ours' steps: its time in matmul, "
                     "attention and convolution kernels against the rest (Python, generate's loop, small ops)")
     a = ap.parse_args()
@@ -280,6 +334,9 @@ def main() -> None:
               f"together: eval.py --batch-size {a.queries_per_video})")
         print(f"eval speedup, bit-identical: {per / grouped:.2f}x  (per query vs grouped {grouped:.2f} s: each video "
               f"decoded and encoded once, its queries answered one at a time: eval.py's default)")
+
+        # --- SFT with the frozen tower (the tiny preset's cold start)
+        sft_part(tmp, a.sft_batch, a.repeats)
 
 if __name__ == "__main__":
     main()
