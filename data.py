@@ -362,15 +362,19 @@ def prompt_ids(processor, samples: list[Sample], n_video_tokens: int, nframes: i
     writes the video placeholder n times, then tokenizes), for several queries about one video that
     has gone through the processor once."""
     import torch
-    tok = processor.tokenizer
-    out = []
-    for s in samples:
-        text = chat_text(processor, s, nframes, max_pixels, min_pixels)
-        if text.count(processor.video_token) != 1:
-            raise ValueError(f"sample {s.id}: the prompt holds {text.count(processor.video_token)} video placeholders, not 1")
-        text = text.replace(processor.video_token, processor.video_token * n_video_tokens)
-        out.append(torch.tensor(tok(text)["input_ids"], dtype=torch.long))
-    return out
+    return [torch.tensor(processor.tokenizer(_expanded_text(processor, s, n_video_tokens, None, nframes, max_pixels,
+                                                            min_pixels))["input_ids"], dtype=torch.long)
+            for s in samples]
+
+
+def _expanded_text(processor, sample: Sample, n_video_tokens: int, answer: str | None, nframes: int, max_pixels: int,
+                   min_pixels: int) -> str:
+    """chat_text with its one video placeholder written n_video_tokens times, as the processor writes it."""
+    text = chat_text(processor, sample, nframes, max_pixels, min_pixels, answer)
+    if text.count(processor.video_token) != 1:
+        raise ValueError(f"sample {sample.id}: the prompt holds {text.count(processor.video_token)} video "
+                         f"placeholders, not 1")
+    return text.replace(processor.video_token, processor.video_token * n_video_tokens)
 
 
 def build_text_inputs(processor, samples: list[Sample], grids: list, seconds: list[float],
@@ -379,17 +383,17 @@ def build_text_inputs(processor, samples: list[Sample], grids: list, seconds: li
     """`build_inputs` without the video's pixels, for videos that went through the processor before:
     each sample's video grid (t, h, w) and seconds per temporal patch (the processor's video_grid_thw
     and second_per_grid_ts rows) replace its frames. The same batch as build_inputs but
-    pixel_values_videos (tests/test_sft.py checks it), at a third of its cost; the model then takes
+    pixel_values_videos (tests/test_data.py checks it), at ~40% of its cost; the model then takes
     the video's encoder output instead of pixels (sft.py's cache of the frozen vision tower)."""
+    import math
+
     import torch
     from transformers import BatchFeature
 
     tok, merge = processor.tokenizer, processor.video_processor.merge_size
-    texts = []
-    for i, s in enumerate(samples):
-        text = chat_text(processor, s, nframes, max_pixels, min_pixels, None if answers is None else answers[i])
-        t, h, w = (int(x) for x in grids[i])
-        texts.append(text.replace(processor.video_token, processor.video_token * (t * h * w // merge ** 2)))
+    texts = [_expanded_text(processor, s, math.prod(int(x) for x in grids[i]) // merge ** 2,
+                            None if answers is None else answers[i], nframes, max_pixels, min_pixels)
+             for i, s in enumerate(samples)]
     tok.padding_side = padding_side
     enc = tok(texts, padding=True, return_tensors="pt")
     return BatchFeature(dict(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
