@@ -99,14 +99,17 @@ tiny() {
     # GRPO from it, and their evals on the held-out test videos. Every stage is resumable and a finished
     # one returns at once. The random ViT stays frozen: trained from scratch on this little data it
     # collapses to one vector for every video token (model.freeze_vision).
-    # 900 constant-lr SFT steps (README: the diagnosis). A shorter cold start (675, tried) leaves GRPO a
-    # larger lift from some starts (+6.6 to +16.1) but not from the weakest: from 13.6 mIoU it learned to
-    # answer spans past the video's end and fell to 7.1.
+    # 600 constant-lr SFT steps, each batch holding every query of the videos it covers
+    # (--group-by-video): the model then learns to read the query (the "binding transition", README: the
+    # diagnosis) by step ~400-500 in the seeds probed, where the plainly shuffled order reached it
+    # anywhere from step ~600 to past 900 (a coin flip at 900 steps). 600 steps stop just past it, a
+    # weak cold start that GRPO lifts, as in the paper.
     local ANN=$RUN/annotate seed S
     sft_stage() {  # sft_stage OUT DATA: cold-start SFT of the base model
         run python sft.py --model "$RUN/base_model" --data "$2" --out "$1" --seed $seed \
-            --max-steps "${SFT_STEPS:-900}" --batch-size "${SFT_BATCH:-32}" --micro-batch "${SFT_BATCH:-32}" \
+            --max-steps "${SFT_STEPS:-600}" --batch-size "${SFT_BATCH:-32}" --micro-batch "${SFT_BATCH:-32}" \
             --lr "${SFT_LR:-2e-3}" --schedule "${SFT_SCHEDULE:-constant}" --freeze-vision --warmup-ratio 0.05 \
+            --group-by-video \
             $VIDEO --resume ${SFT_ARGS:-}
     }
     grpo_stage() {  # grpo_stage OUT MODEL DATA [STEPS [extra flags]]: GRPO, reward 0.9 IoU + 0.1 format (original GT)

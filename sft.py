@@ -32,7 +32,8 @@ a plain mean over the micro-batches of a step (DeepSpeed divides by gradient-acc
 averages gradients over ranks). With the default micro-batch 1 that is a mean over samples of each
 sample's token mean (long answers do not outweigh short ones).
 
-Order: a seeded permutation per epoch; each global batch is `--batch-size` consecutive samples of it,
+Order: a seeded permutation per epoch (`--group-by-video`: of the videos, each video's queries
+consecutive; see `epoch_order`); each global batch is `--batch-size` consecutive samples of it,
 every rank takes its slice; an incomplete last batch of an epoch is dropped. `--max-steps` overrides
 `--epochs` (the data repeats as needed). Schedule: linear warmup over `--warmup-ratio` of the steps,
 then cosine to 0 (or constant, or linear to 0), set on the optimizer's param groups every step.
@@ -104,6 +105,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--inject-nan", type=lambda v: [int(x) for x in v.split(",")], default=[],
                    help=argparse.SUPPRESS)  # tests only: rank 0's loss is NaN at these steps (comma-separated)
     p.add_argument("--seed", type=int, default=0, help="seed of the data order and torch")
+    p.add_argument("--group-by-video", action=argparse.BooleanOptionalAction, default=False,
+                   help="order each epoch by video: the videos in a seeded order, each video's samples (its "
+                        "queries) consecutive, so a batch holds every query of the videos it covers; the tiny "
+                        "preset learns to read the query ~2x sooner (README)")
     p.add_argument("--freeze-vision", action="store_true", help="train the language model only: the vision "
                    "tower and its merger stay as loaded (the tiny preset's random ViT; see model.freeze_vision)")
     # video (paper: 64 frames of at most 128*28*28 pixels)
@@ -181,8 +186,18 @@ def read_coldstart(path: str, skip_bad: bool) -> tuple[list[Example], list[str]]
     return good, bad
 
 
-def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
-    return np.random.default_rng([seed, epoch]).permutation(n).tolist()
+def epoch_order(n: int, seed: int, epoch: int, groups: list | None = None) -> list[int]:
+    """The epoch's sample order: a seeded permutation of range(n). With `groups` (a key per sample, its
+    video: --group-by-video) a seeded permutation of the groups, each group's samples consecutive, in a
+    seeded order of their own: a batch then holds every query of the few videos it covers."""
+    rng = np.random.default_rng([seed, epoch])
+    if groups is None:
+        return rng.permutation(n).tolist()
+    members: dict = {}
+    for i, g in enumerate(groups):
+        members.setdefault(g, []).append(i)
+    keys = list(members)  # first-seen order: the file's, so the order depends on the data and seed only
+    return [i for k in rng.permutation(len(keys)) for i in rng.permutation(members[keys[k]]).tolist()]
 
 
 class VisionCache:
@@ -346,7 +361,7 @@ def main(argv=None) -> None:
     # What must not change between a run and its resumption (else the weights would differ).
     run_key = dict(total_steps=total, batch_size=batch, lr=args.lr, schedule=args.schedule,
                    warmup_ratio=args.warmup_ratio, seed=args.seed, n_samples=n, data_fingerprint=fingerprint,
-                   freeze_vision=args.freeze_vision)
+                   freeze_vision=args.freeze_vision, group_by_video=args.group_by_video)
 
     # Resume or start: never silently overwrite a finished or running job's work.
     ckpt = latest_checkpoint(out)
@@ -356,7 +371,8 @@ def main(argv=None) -> None:
     if ckpt:
         with open(os.path.join(ckpt, "trainer_state.json")) as f:
             state = json.load(f)
-        changed = {k: (state["run"].get(k), v) for k, v in run_key.items() if state["run"].get(k) != v}
+        before = {"group_by_video": False, **state["run"]}  # checkpoints from before the flag existed
+        changed = {k: (before.get(k), v) for k, v in run_key.items() if before.get(k) != v}
         if changed:
             fail(f"cannot resume {ckpt}: changed since the checkpoint (before, now): {changed}")
         if state["step"] >= total and os.path.isfile(os.path.join(out, "model", "config.json")):
@@ -433,11 +449,12 @@ def main(argv=None) -> None:
 
     bar = tqdm(total=total, initial=step, desc="sft", disable=rank != 0, dynamic_ncols=True)
     t_start, step0 = time.time(), step
-    order = epoch_order(n, args.seed, epoch)
+    groups = [ex.sample.video for ex in examples] if args.group_by_video else None
+    order = epoch_order(n, args.seed, epoch, groups)
     while step < total:
         if index + batch > n:  # next epoch
             epoch, index = epoch + 1, 0
-            order = epoch_order(n, args.seed, epoch)
+            order = epoch_order(n, args.seed, epoch, groups)
         offset = index + rank * per_rank  # this rank's slice of the global batch
         lr = lr_at(step, total, args.lr, args.warmup_ratio, args.schedule)
         for group in engine.optimizer.param_groups:
@@ -475,12 +492,13 @@ def main(argv=None) -> None:
         bad_steps, bad_in_a_row = bad_steps + (not applied), 0 if applied else bad_in_a_row + 1
         stats[3] = len(bad_ids)
         torch.distributed.all_reduce(stats)
+        videos = len({examples[order[index + i]].sample.video for i in range(batch)})  # as ordered
         index += batch
         step += 1
         dt = time.time() - t0
         eta = (time.time() - t_start) / (step - step0) * (total - step)
         row = dict(step=step, epoch=epoch, loss=stats[0].item() / (grad_accum * world), lr=lr,
-                   tokens=int(stats[1]), answer_tokens=int(stats[2]), tok_per_s=stats[1].item() / dt,
+                   tokens=int(stats[1]), answer_tokens=int(stats[2]), videos=videos, tok_per_s=stats[1].item() / dt,
                    sec_per_step=dt, skipped=len(bad) + int(stats[3]), bad_step=not applied, bad_steps=bad_steps)
         if rank == 0:
             tqdm.write(f"step {step}/{total} | loss {row['loss']:.4f} | lr {lr:.1e} | tok/s {row['tok_per_s']:.0f} | "

@@ -10,6 +10,7 @@ import shutil
 import signal
 import time
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -249,6 +250,43 @@ def test_freeze_vision_under_zero3_trains_the_language_model_only(frozen, tmp_pa
     one = weights(runs["kept"][0] / "model")
     for k in one:
         torch.testing.assert_close(got[k], one[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_epoch_order_by_video_keeps_each_videos_samples_together():
+    groups = [f"v{i % 5}" for i in range(14)]  # 5 videos, 2 or 3 samples each, interleaved in the file
+    for epoch in range(3):
+        order = sft.epoch_order(14, 7, epoch, groups)
+        assert sorted(order) == list(range(14))
+        runs = [g for i, g in enumerate(groups[j] for j in order) if i == 0 or g != groups[order[i - 1]]]
+        assert sorted(runs) == sorted(set(groups))  # each video's samples form one run
+        assert order == sft.epoch_order(14, 7, epoch, groups)  # a resumed run replays it
+    orders = {tuple(sft.epoch_order(14, s, e, groups)) for s in range(2) for e in range(3)}
+    assert len(orders) == 6  # a new order per epoch and per seed
+    assert sft.epoch_order(14, 7, 1) == np.random.default_rng([7, 1]).permutation(14).tolist()  # the plain order
+
+
+def test_group_by_video_batches_a_videos_queries_together(reference, coldstart, tmp_path):
+    """The flag reaches the run: each step's `videos` (distinct videos in the batch) is what the
+    grouped order gives, and the plain run's what the plain order gives; resuming with the flag
+    changed is refused, naming it."""
+    flags, ref = reference
+    videos = [s.video for s in data.read_jsonl(coldstart)]
+    n = len(videos)
+    assert n == 12 and len(set(videos)) == 4  # 4 videos x 3 queries: batches of 2 straddle videos
+
+    def expected(groups):
+        per_epoch = [sft.epoch_order(n, 0, e, groups) for e in range(2)]
+        return [len({videos[per_epoch[k // 6][2 * (k % 6) + i]] for i in range(2)}) for k in range(8)]
+
+    out = tmp_path / "grouped"
+    run_sft(flags + ["--out", out, "--group-by-video"])
+    grouped = [x["videos"] for x in metrics(out)]
+    assert grouped == expected(videos) and sum(grouped) < 8 * 2
+    assert [x["videos"] for x in metrics(ref)] == expected(None) != grouped
+    r = run_sft(flags + ["--out", ref, "--resume", "--no-group-by-video"], check=True)  # unchanged: finished
+    assert "Nothing to do" in r.stdout
+    r = run_sft(flags + ["--out", out, "--resume", "--no-group-by-video"], check=False)
+    assert r.returncode != 0 and "group_by_video" in r.stderr and "changed since the checkpoint" in r.stderr
 
 
 def test_kill_and_resume_equals_uninterrupted(reference, tmp_path):
